@@ -1,0 +1,23 @@
+"""Agents that follow the observatory control system's events."""
+
+from __future__ import annotations
+
+from dmstream.app import app, topic
+from dmstream.logs import get_logger
+from dmstream.models import NextVisit
+from dmstream.tables.visits import announced_visits
+from dmstream.topics import NEXT_VISIT
+
+log = get_logger(__name__)
+
+next_visit_topic = topic(NEXT_VISIT, NextVisit)
+
+
+@app.agent(next_visit_topic)
+async def record_next_visit(visits):
+    """Record each announced visit in :data:`announced_visits` (keyed by groupId)."""
+    async for visit in visits:
+        announced_visits[visit.groupId] = visit
+        log.info("visit announced", group_id=visit.groupId, band=visit.band,
+                 nimages=visit.nimages, ra=visit.position[0], dec=visit.position[1])
+        yield visit.groupId

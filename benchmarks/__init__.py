@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that print their figures (run as ``python -m dmstream.benchmarks.<name>``)."""

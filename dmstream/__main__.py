@@ -1,0 +1,3 @@
+from dmstream.cli import main
+
+main()

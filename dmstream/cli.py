@@ -1,0 +1,161 @@
+"""The ``dmstream`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+
+import click
+
+from dmstream import logs, settings
+
+
+def _settings() -> settings.Settings:
+    return settings.load()
+
+
+@click.group()
+def main() -> None:
+    """dmstream: the LSST Data Management System on Faust and Kafka."""
+    config = _settings()
+    logs.configure(config.log_format, config.log_level)
+
+
+@main.group()
+def stack() -> None:
+    """The local stack: Kafka (KRaft), InfluxDB 1.8 and Redis on loopback."""
+
+
+def _print_health(rows: list) -> bool:
+    for health in rows:
+        mark = "healthy" if health.healthy else "DOWN"
+        pid = f"pid {health.pid}" if health.pid else ""
+        click.echo(f"  {health.service:<9} {mark:<8} {pid:<10} {health.detail}")
+    return all(h.healthy for h in rows)
+
+
+@stack.command("install")
+def stack_install() -> None:
+    """Fetch the Kafka jars, build influxd, install redis-server (whatever is missing)."""
+    from dmstream.infra.stack import Stack
+
+    Stack(_settings()).install()
+    click.echo("stack installed")
+
+
+@stack.command("up")
+def stack_up() -> None:
+    """Install what is missing and start every service; harmless when already up."""
+    from dmstream.infra.process import StackError
+    from dmstream.infra.stack import Stack
+
+    config = _settings()
+    try:
+        rows = Stack(config).up()
+    except StackError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"stack up (data in {config.data_dir}):")
+    _print_health(rows)
+    click.echo(f"  kafka bootstrap {config.kafka_bootstrap} · influxdb {config.influxdb_url} · "
+               f"redis {config.redis_url}")
+
+
+@stack.command("down")
+def stack_down() -> None:
+    """Stop every service of the stack."""
+    from dmstream.infra.stack import Stack
+
+    stopped = Stack(_settings()).down()
+    click.echo(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+
+
+@stack.command("status")
+def stack_status() -> None:
+    """Check each service with a real round trip; exit 1 unless all are healthy."""
+    from dmstream.infra.stack import Stack
+
+    if not _print_health(Stack(_settings()).status()):
+        sys.exit(1)
+
+
+@main.command("topics")
+def list_topics() -> None:
+    """The Kafka topics dmstream declares."""
+    from dmstream.topics import ALL_TOPICS
+
+    for spec in ALL_TOPICS:
+        click.echo(f"{spec.name:<45} {spec.partitions:>3} partitions  {spec.description}")
+
+
+@main.command()
+@click.option("--worker-id", default=None, help="Name of this worker (default: DMSTREAM_WORKER_ID).")
+@click.option("--web-port", type=int, default=None, help="Port of its web endpoint.")
+def worker(worker_id: str | None, web_port: int | None) -> None:
+    """Run one Faust worker in the foreground (stop with Ctrl-C or SIGTERM)."""
+    if worker_id:
+        os.environ[settings.ENV_PREFIX + "WORKER_ID"] = worker_id
+    if web_port:
+        os.environ[settings.ENV_PREFIX + "WEB_PORT"] = str(web_port)
+    import faust
+
+    from dmstream.app import SETTINGS, app
+
+    app.conf.datadir.parent.mkdir(parents=True, exist_ok=True)
+    logs.get_logger("dmstream.worker").info(
+        "worker starting", worker=SETTINGS.worker_id, broker=SETTINGS.kafka_bootstrap,
+        web=SETTINGS.web_url,
+    )
+    faust.Worker(app, loglevel=SETTINGS.log_level, quiet=True).execute_from_commandline()
+
+
+@main.command()
+@click.option("--visits", default=8, show_default=True, help="How many visits to announce.")
+@click.option("--seed", default=1, show_default=True)
+def demo(visits: int, seed: int) -> None:
+    """The main job: visits announced on Kafka, recorded by an agent, read back over HTTP."""
+    from dmstream.infra.process import StackError, free_port
+    from dmstream.streams.ocs import announce, random_visits
+    from dmstream.streams.producer import SummitProducer
+    from dmstream.topics import NEXT_VISIT
+    from dmstream.workers import WorkerProcess, get_json
+
+    config = _settings()
+    worker_process = WorkerProcess(config, "demo", free_port(config.host))
+    worker_process.start()
+    try:
+        worker_process.wait_healthy()
+        announced = random_visits(visits, start_utc=time.time(), seed=seed)
+
+        async def send() -> None:
+            async with SummitProducer(config.kafka_bootstrap) as producer:
+                await announce(producer, announced)
+
+        asyncio.run(send())
+        click.echo(f"announced {len(announced)} visits on Kafka topic {NEXT_VISIT.name}")
+        wanted = {v.groupId for v in announced}
+        deadline = time.monotonic() + 60
+        while True:
+            _, body = get_json(f"{worker_process.url}/visits/")
+            recorded = {row["groupId"]: row for row in body["visits"] if row["groupId"] in wanted}
+            if len(recorded) == len(wanted):
+                break
+            if time.monotonic() > deadline:
+                raise StackError(f"only {len(recorded)} of {len(wanted)} visits reached the table")
+            time.sleep(0.3)
+        _, metrics = get_json(f"{worker_process.url}/metrics/")
+    except StackError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        worker_process.stop()
+    click.echo(f"worker recorded them in table announced-visits (read back from "
+               f"{worker_process.url}/visits/):")
+    click.echo(f"  {'groupId':<24} {'band':<4} {'snaps':>5} {'RA':>8} {'Dec':>7}  survey")
+    for visit in announced:
+        row = recorded[visit.groupId]
+        click.echo(f"  {row['groupId']:<24} {row['filters'][:1]:<4} {row['nimages']:>5} "
+                   f"{row['position'][0]:8.3f} {row['position'][1]:7.3f}  {row['survey']}")
+    received = metrics["messages_received_by_topic"].get(NEXT_VISIT.name, 0)
+    click.echo(f"the worker consumed {received} messages from {NEXT_VISIT.name} "
+               f"({metrics['messages_received_total']} in all)")

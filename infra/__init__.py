@@ -1,0 +1,1 @@
+"""How the real services of the local stack are installed, configured, started and stopped."""
