@@ -74,7 +74,7 @@ def wait_for_port(host: str, port: int, timeout: float, is_alive: Callable[[], b
     raise StackError(f"nothing listens on {host}:{port} after {timeout:.0f} s")
 
 
-def _process_state(pid: int) -> str | None:
+def process_state(pid: int) -> str | None:
     """The kernel's one-letter state of ``pid`` (``None`` when there is no such process)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -117,7 +117,7 @@ class ManagedProcess:
             pid = int(self.pid_file.read_text().strip())
         except (FileNotFoundError, ValueError):
             return None
-        state = _process_state(pid)
+        state = process_state(pid)
         if state is None or state in ("Z", "X") or self.marker not in _cmdline(pid):
             return None
         return pid
@@ -171,7 +171,7 @@ class ManagedProcess:
     def _alive(self, pid: int) -> bool:
         if self._popen is not None and self._popen.pid == pid:
             return self._popen.poll() is None
-        return _process_state(pid) not in (None, "Z", "X")
+        return process_state(pid) not in (None, "Z", "X")
 
     def log_tail(self, lines: int = 20) -> str:
         try:

@@ -1,0 +1,73 @@
+"""Shared fixtures.
+
+Integration tests run against a real stack that this test session starts on
+free loopback ports with its state in a temporary directory (so it never
+touches a developer's running stack), reusing the project's cached Kafka jars
+and ``influxd``.  If the stack cannot start, those tests fail and say why.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dmstream.infra.process import free_port
+from dmstream.infra.stack import Stack
+from dmstream.settings import ENV_PREFIX, Settings
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _shared_cache_dir() -> Path:
+    return Path(os.environ.get(ENV_PREFIX + "CACHE_DIR", PROJECT_ROOT / ".dmstream" / "cache")).resolve()
+
+
+def make_settings(data_dir: Path, **overrides: object) -> Settings:
+    """Settings of a throw-away stack: its own data directory and free ports."""
+    ports = {
+        name: free_port()
+        for name in ("kafka_port", "kafka_controller_port", "influxdb_port",
+                     "influxdb_rpc_port", "redis_port", "web_port")
+    }
+    values = {"data_dir": data_dir, "cache_dir": _shared_cache_dir(), **ports, **overrides}
+    return Settings(**values)
+
+
+@pytest.fixture(scope="session")
+def new_settings() -> object:
+    """Make the settings of another throw-away stack: ``new_settings(tmp_path, **overrides)``."""
+    return make_settings
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_inherited_endpoints() -> None:
+    """Endpoints exported in the developer's shell must not redirect the tests."""
+    for name in ("KAFKA_BOOTSTRAP", "INFLUXDB_URL", "REDIS_URL"):
+        os.environ.pop(ENV_PREFIX + name, None)
+
+
+@pytest.fixture(scope="session")
+def stack_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return make_settings(tmp_path_factory.mktemp("stack"))
+
+
+@pytest.fixture(scope="session")
+def stack(stack_settings: Settings) -> Iterator[Stack]:
+    """The real local stack (Kafka, InfluxDB, Redis), up for the whole session."""
+    running = Stack(stack_settings)
+    try:
+        running.up()
+    except Exception as exc:
+        running.down()
+        pytest.fail(f"the local stack did not start: {exc}", pytrace=False)
+    yield running
+    running.down()
+
+
+@pytest.fixture
+def child_env(stack_settings: Settings) -> dict[str, str]:
+    """Environment for a ``dmstream`` subprocess pointed at the session's stack."""
+    return {**os.environ, **stack_settings.as_env()}
