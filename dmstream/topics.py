@@ -54,7 +54,52 @@ HEALTH = TopicSpec(
     config={"retention.ms": str(3600 * 1000)},
 )
 
-ALL_TOPICS: tuple[TopicSpec, ...] = (NEXT_VISIT, HEALTH)
+
+
+def _summit(name: str, description: str) -> TopicSpec:
+    # Summit events and telemetry are low-rate and must stay in time order: one partition.
+    return TopicSpec(name=name, partitions=1, subject=name, description=description)
+
+
+START_INTEGRATION = _summit("lsst.sal.MTCamera.logevent_startIntegration",
+                            "LSSTCam starts integrating an image, keyed by obs_id.")
+START_READOUT = _summit("lsst.sal.MTCamera.logevent_startReadout",
+                        "LSSTCam starts reading an image out, keyed by obs_id.")
+END_READOUT = _summit("lsst.sal.MTCamera.logevent_endReadout",
+                      "LSSTCam finished reading an image out, keyed by obs_id.")
+END_OF_IMAGE_TELEMETRY = _summit("lsst.sal.MTCamera.logevent_endOfImageTelemetry",
+                                 "All camera metadata of an image is published, keyed by obs_id.")
+CAMERA_EVENTS: tuple[TopicSpec, ...] = (START_INTEGRATION, START_READOUT, END_READOUT, END_OF_IMAGE_TELEMETRY)
+
+MOUNT_AZIMUTH = _summit("lsst.sal.MTMount.azimuth", "Telescope mount azimuth axis, keyed by CSC:salIndex.")
+MOUNT_ELEVATION = _summit("lsst.sal.MTMount.elevation", "Mount elevation axis, keyed by CSC:salIndex.")
+ROTATOR = _summit("lsst.sal.MTRotator.rotation", "Camera rotator angle, keyed by CSC:salIndex.")
+DOME_AZIMUTH = _summit("lsst.sal.MTDome.azimuth", "Dome azimuth, keyed by CSC:salIndex.")
+DIMM_MEASUREMENT = _summit("lsst.sal.DIMM.logevent_dimmMeasurement", "DIMM seeing, keyed by CSC:salIndex.")
+ESS_TEMPERATURE = _summit("lsst.sal.ESS.temperature", "Weather station temperature, keyed by CSC:salIndex.")
+ESS_AIR_FLOW = _summit("lsst.sal.ESS.airFlow", "Weather station wind, keyed by CSC:salIndex.")
+ESS_HUMIDITY = _summit("lsst.sal.ESS.relativeHumidity", "Weather station humidity, keyed by CSC:salIndex.")
+ESS_PRESSURE = _summit("lsst.sal.ESS.pressure", "Weather station pressure, keyed by CSC:salIndex.")
+TELEMETRY: tuple[TopicSpec, ...] = (
+    MOUNT_AZIMUTH, MOUNT_ELEVATION, ROTATOR, DOME_AZIMUTH, DIMM_MEASUREMENT,
+    ESS_TEMPERATURE, ESS_AIR_FLOW, ESS_HUMIDITY, ESS_PRESSURE,
+)
+
+#: Everything the simulated summit sends besides pixels.
+SUMMIT_TOPICS: tuple[TopicSpec, ...] = (NEXT_VISIT, *CAMERA_EVENTS, *TELEMETRY)
+
+#: Pixels: one message per amplifier (~1 MB compressed), keyed by detector so that a
+#: detector's 16 amplifiers land in order on one partition. Kept a few hours: the
+#: archiver has written them to the Data Backbone long before.
+CAMERA_READOUT = TopicSpec(
+    name="dmstream.camera.readout",
+    partitions=8,
+    subject="dmstream.camera.AmplifierReadout",
+    description="Camera readout, one message per amplifier, keyed by detector name.",
+    config={"retention.ms": str(6 * 3600 * 1000), "retention.bytes": str(4 * 1024**3)},
+)
+
+ALL_TOPICS: tuple[TopicSpec, ...] = (NEXT_VISIT, HEALTH, *CAMERA_EVENTS, *TELEMETRY, CAMERA_READOUT)
 
 
 def by_name(name: str) -> TopicSpec:

@@ -1,6 +1,6 @@
 """Replay recorded nights onto the same Kafka topics the live summit uses.
 
-Events go out in the order of the log, paced at ``speed`` × real time, or as
+Events go out in the order of the log, paced at ``speed`` times real time, or as
 fast as Kafka takes them (``speed=None``).  Two things hold a fast replay back:
 the producer's in-flight bytes (so memory stays bounded), and optionally the
 pipeline itself: with ``max_lag`` set, replay waits while the consumer group
@@ -22,7 +22,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from dmstream import schemas, topics
 from dmstream.logs import get_logger
-from dmstream.streams.night import Event, MessageEvent, NightFormatError, NightReader, ReadoutEvent
+from dmstream.streams.night import Event, MessageEvent, NightReader, ReadoutEvent
 from dmstream.streams.rawfits import RawFileError, read_raw
 from dmstream.streams.readout import amplifier_messages
 from dmstream.topics import MAX_MESSAGE_BYTES

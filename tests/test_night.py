@@ -57,7 +57,7 @@ def test_malformed_lines_are_counted_and_skipped(tmp_path) -> None:
 
 
 def test_not_a_night_is_refused_clearly(tmp_path) -> None:
-    with pytest.raises(NightFormatError, match="no night.json"):
+    with pytest.raises(NightFormatError, match=r"no night\.json"):
         NightReader(tmp_path)
     (tmp_path / "night.json").write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(NightFormatError, match="format"):

@@ -51,7 +51,7 @@ def _detector_messages(obs_id: str, detector: str, n_amps: int = 4) -> tuple[lis
 
 def test_collector_rebuilds_interleaved_detectors() -> None:
     first, first_amps = _detector_messages("MC_O_20261125_000007", "R22_S11")
-    second, second_amps = _detector_messages("MC_O_20261125_000007", "R22_S12")
+    second, _ = _detector_messages("MC_O_20261125_000007", "R22_S12")
     collector = ReadoutCollector()
     done = []
     for a, b in zip(first, second, strict=True):
