@@ -6,6 +6,7 @@ import asyncio
 import os
 import sys
 import time
+from pathlib import Path
 
 import click
 
@@ -159,3 +160,84 @@ def demo(visits: int, seed: int) -> None:
     received = metrics["messages_received_by_topic"].get(NEXT_VISIT.name, 0)
     click.echo(f"the worker consumed {received} messages from {NEXT_VISIT.name} "
                f"({metrics['messages_received_total']} in all)")
+
+
+@main.group()
+def night() -> None:
+    """Recorded nights: simulate one, replay nights onto Kafka, record live topics."""
+
+
+@night.command("simulate")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--seed", default=1, show_default=True, help="Same seed, same bytes.")
+@click.option("--day-obs", default=20261209, show_default=True, help="Observing day YYYYMMDD.")
+@click.option("--visits", default=6, show_default=True, help="Science visits (0: the whole night).")
+@click.option("--detectors", default="R22_S11", show_default=True, help="Comma-separated detector names.")
+@click.option("--bands", default="g,r,i", show_default=True)
+@click.option("--snaps", type=click.Choice(["1x30", "2x15", "mixed"]), default="mixed", show_default=True)
+@click.option("--biases", default=3, show_default=True)
+@click.option("--darks", default=2, show_default=True)
+@click.option("--flats", default=2, show_default=True, help="Dome flats per band.")
+@click.option("--jobs", default=os.cpu_count() or 1, show_default=True, help="Parallel processes.")
+@click.option("--compress/--no-compress", default=True, show_default=True, help="RICE_1 raw files.")
+def night_simulate(out: Path, seed: int, day_obs: int, visits: int, detectors: str, bands: str, snaps: str,
+                   biases: int, darks: int, flats: int, jobs: int, compress: bool) -> None:
+    """Simulate a night of the summit into directory OUT."""
+    from dmstream.streams.observatory import NightConfig
+    from dmstream.streams.simulate import SimulationConfig, simulate_night
+
+    band_list = tuple(b.strip() for b in bands.split(",") if b.strip())
+    config = SimulationConfig(
+        night=NightConfig(seed=seed, day_obs=day_obs, n_visits=visits or None, bands=band_list, snaps=snaps,
+                          n_bias=biases, n_dark=darks, n_flat=flats, flat_bands=band_list),
+        detectors=tuple(d.strip() for d in detectors.split(",") if d.strip()),
+        compress=compress, jobs=jobs,
+    )
+    summary = simulate_night(out, config)
+    click.echo(f"simulated {summary.exposures} exposures x {len(config.detectors)} detectors = "
+               f"{summary.raw_files} raw files, {summary.events} events, "
+               f"{summary.sources_drawn} sources drawn, in {summary.seconds:.1f} s -> {out}")
+
+
+@night.command("replay")
+@click.argument("nights", nargs=-1, required=True,
+                type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--speed", default="max", show_default=True,
+              help="Multiple of real time (1 = as it happened), or 'max' for as fast as Kafka takes it.")
+@click.option("--max-lag", type=int, default=None,
+              help="Wait while the pipeline is more than this many readout messages behind.")
+def night_replay(nights: tuple[Path, ...], speed: str, max_lag: int | None) -> None:
+    """Replay recorded NIGHTS, in order, onto the summit's Kafka topics."""
+    from dmstream.streams.night import NightFormatError
+    from dmstream.streams.replay import ReplayConfig, replay
+
+    config = ReplayConfig(speed=None if speed == "max" else float(speed), max_lag=max_lag)
+    try:
+        stats = asyncio.run(replay(list(nights), _settings().kafka_bootstrap, config))
+    except NightFormatError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"replayed {stats.nights} night(s): {stats.messages} messages, {stats.readouts} detector "
+               f"readouts ({stats.amplifier_messages} amplifier messages), {stats.bytes_sent / 1e6:.1f} MB "
+               f"in {stats.seconds:.1f} s ({stats.megabytes_per_second:.1f} MB/s)")
+    if stats.skipped_files or stats.rejected_events or stats.malformed_lines:
+        click.echo(f"skipped {len(stats.skipped_files)} raw files, rejected {stats.rejected_events} events, "
+                   f"{stats.malformed_lines} malformed lines:")
+        for path, reason in stats.skipped_files:
+            click.echo(f"  {path}: {reason}")
+
+
+@night.command("record")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--from-beginning", is_flag=True, help="Start at the oldest retained messages.")
+@click.option("--idle", default=30.0, show_default=True,
+              help="Stop after this many seconds without messages.")
+@click.option("--duration", type=float, default=None, help="Stop after this many seconds.")
+def night_record(out: Path, from_beginning: bool, idle: float, duration: float | None) -> None:
+    """Record the live summit topics into a recorded night OUT."""
+    from dmstream.streams.record import record
+
+    stats = asyncio.run(record(out, _settings().kafka_bootstrap, from_beginning=from_beginning,
+                               idle_seconds=idle, duration=duration))
+    click.echo(f"recorded {stats.messages} messages and {stats.readouts} detector readouts "
+               f"({len(stats.detectors)} detectors) into {out}; {stats.rejected} rejected, "
+               f"{stats.incomplete_readouts} incomplete readouts")
