@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -112,54 +111,21 @@ def worker(worker_id: str | None, web_port: int | None) -> None:
 
 
 @main.command()
-@click.option("--visits", default=8, show_default=True, help="How many visits to announce.")
+@click.option("--night-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the simulated night goes (default: <data dir>/nights/demo); reused if it matches.")
+@click.option("--visits", default=4, show_default=True, help="Science visits of the simulated night.")
 @click.option("--seed", default=1, show_default=True)
-def demo(visits: int, seed: int) -> None:
-    """The main job: visits announced on Kafka, recorded by an agent, read back over HTTP."""
-    from dmstream.infra.process import StackError, free_port
-    from dmstream.streams.ocs import announce, random_visits
-    from dmstream.streams.producer import SummitProducer
-    from dmstream.topics import NEXT_VISIT
-    from dmstream.workers import WorkerProcess, get_json
+def demo(night_dir: Path | None, visits: int, seed: int) -> None:
+    """The main job: a simulated night replayed through Kafka into a worker."""
+    from dmstream import demo as main_job
+    from dmstream.infra.process import StackError
 
     config = _settings()
-    worker_process = WorkerProcess(config, "demo", free_port(config.host))
-    worker_process.start()
     try:
-        worker_process.wait_healthy()
-        announced = random_visits(visits, start_utc=time.time(), seed=seed)
-
-        async def send() -> None:
-            async with SummitProducer(config.kafka_bootstrap) as producer:
-                await announce(producer, announced)
-
-        asyncio.run(send())
-        click.echo(f"announced {len(announced)} visits on Kafka topic {NEXT_VISIT.name}")
-        wanted = {v.groupId for v in announced}
-        deadline = time.monotonic() + 60
-        while True:
-            _, body = get_json(f"{worker_process.url}/visits/")
-            recorded = {row["groupId"]: row for row in body["visits"] if row["groupId"] in wanted}
-            if len(recorded) == len(wanted):
-                break
-            if time.monotonic() > deadline:
-                raise StackError(f"only {len(recorded)} of {len(wanted)} visits reached the table")
-            time.sleep(0.3)
-        _, metrics = get_json(f"{worker_process.url}/metrics/")
+        main_job.run(config, night_dir or config.data_dir / "nights" / "demo",
+                     main_job.DemoNight(seed=seed, visits=visits))
     except StackError as exc:
         raise click.ClickException(str(exc)) from exc
-    finally:
-        worker_process.stop()
-    click.echo(f"worker recorded them in table announced-visits (read back from "
-               f"{worker_process.url}/visits/):")
-    click.echo(f"  {'groupId':<24} {'band':<4} {'snaps':>5} {'RA':>8} {'Dec':>7}  survey")
-    for visit in announced:
-        row = recorded[visit.groupId]
-        click.echo(f"  {row['groupId']:<24} {row['filters'][:1]:<4} {row['nimages']:>5} "
-                   f"{row['position'][0]:8.3f} {row['position'][1]:7.3f}  {row['survey']}")
-    received = metrics["messages_received_by_topic"].get(NEXT_VISIT.name, 0)
-    click.echo(f"the worker consumed {received} messages from {NEXT_VISIT.name} "
-               f"({metrics['messages_received_total']} in all)")
 
 
 @main.group()
