@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import time
@@ -68,12 +69,19 @@ def test_announced_visits_reach_the_table_and_survive_a_restart(stack: Stack) ->
     assert not worker.process.is_running()
 
 
-def test_demo_runs_the_main_job(stack: Stack, child_env) -> None:
-    done = subprocess.run([sys.executable, "-m", "dmstream", "demo", "--visits", "4", "--seed", "5"],
-                          env=child_env, capture_output=True, text=True, timeout=300)
+def test_demo_runs_the_main_job(stack: Stack, child_env, tmp_path) -> None:
+    night = tmp_path / "demo-night"
+    command = [sys.executable, "-m", "dmstream", "demo", "--visits", "2", "--night-dir", str(night)]
+    done = subprocess.run(command, env=child_env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "announced 4 visits" in done.stdout
-    visits = random_visits(4, start_utc=0, seed=5)
-    for visit in visits:
-        assert f"{visit.position[0]:8.3f}" in done.stdout
-    assert f"consumed 4 messages from {NEXT_VISIT.name}" in done.stdout
+    assert "simulated night" in done.stdout
+    announced = [json.loads(line)["key"] for line in (night / "events.jsonl").read_text().splitlines()
+                 if json.loads(line).get("topic") == NEXT_VISIT.name]
+    assert len(announced) == 2
+    for group_id in announced:
+        assert group_id in done.stdout
+    assert f"consumed 2 messages from {NEXT_VISIT.name}" in done.stdout
+    # A second run reuses the night it already simulated.
+    again = subprocess.run(command, env=child_env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "reusing the simulated night" in again.stdout
