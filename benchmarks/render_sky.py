@@ -8,23 +8,15 @@ at the default density and in a dense field (each exposure with its own PSF,
 so the stamp tables are rebuilt every time), in seconds and in rfft2 units.
 """
 
-import os
+import statistics
+from collections import Counter
 
-# Pin BLAS/OpenMP pools to one core before numpy loads them.
-for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_variable] = "1"
+import numpy as np
+import pyarrow as pa
 
-import statistics  # noqa: E402
-import time  # noqa: E402
-from collections import Counter  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import scipy.fft  # noqa: E402
-
-from dmstream.payloads.camera import detector_wcs, get_detector  # noqa: E402
-from dmstream.streams.sky import Observation, Sky, SkyConfig, render_exposure  # noqa: E402
+from dmstream.benchmarks.timing import rfft2_unit, times
+from dmstream.payloads.camera import detector_wcs, get_detector
+from dmstream.streams.sky import Observation, Sky, SkyConfig, render_exposure
 
 REPEATS = 5
 NIGHT = (61000.0, 61000.4)
@@ -33,19 +25,6 @@ BORESIGHT = (150.0, 2.0)
 DENSE = {"star_density": 40_000.0, "galaxy_density": 10_000.0}
 
 
-def _times(action: Callable[[], object], repeats: int = REPEATS) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        action()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def rfft2_unit() -> float:
-    """Best of a few single-core rfft2 of a 4096 x 4096 float32 array, s."""
-    image = np.random.default_rng(0).standard_normal((4096, 4096), dtype=np.float32)
-    return min(_times(lambda: scipy.fft.rfft2(image, workers=1)))
 
 
 def bench_render(label: str, config: SkyConfig, unit: float) -> None:
@@ -63,7 +42,7 @@ def bench_render(label: str, config: SkyConfig, unit: float) -> None:
         return render_exposure(sky, observation, wcs, detector.shape, rng)[1]
 
     truth = render()  # fill the tile cache, as a worker has after its first exposure of a field
-    seconds = statistics.median(_times(render))
+    seconds = statistics.median(times(render))
     kinds = Counter(truth["kind"].to_pylist())
     drawn = ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items()))
     rows, cols = detector.shape

@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import scipy.fft
 
 from dmstream import settings
+from dmstream.benchmarks.timing import rfft2_unit
 from dmstream.payloads.camera import get_detector
 from dmstream.streams.camera import DetectorElectronics, simulate_raw
 from dmstream.streams.night import EventLogWriter, Manifest, raw_path
@@ -32,15 +32,6 @@ from dmstream.streams.replay import ReplayConfig, replay
 
 DAY_OBS = 20261209
 
-
-def rfft2_unit() -> float:
-    image = np.random.default_rng(0).standard_normal((4096, 4096), dtype=np.float32)
-    best = np.inf
-    for _ in range(3):
-        started = time.perf_counter()
-        scipy.fft.rfft2(image, workers=1)
-        best = min(best, time.perf_counter() - started)
-    return best
 
 
 def write_night(root: Path, ccds: int, compress: bool) -> int:

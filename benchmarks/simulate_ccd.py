@@ -7,24 +7,16 @@ array, ``workers=1``), then for an ITL and an e2v detector the median time of
 writing the raw FITS file, in seconds and in rfft2 units.
 """
 
-import os
+import statistics
+import tempfile
+from pathlib import Path
 
-# Pin BLAS/OpenMP pools to one core before numpy loads them.
-for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_variable] = "1"
+import numpy as np
 
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import scipy.fft  # noqa: E402
-
-from dmstream.payloads.camera import get_detector  # noqa: E402
-from dmstream.streams.camera import DetectorElectronics, simulate_raw  # noqa: E402
-from dmstream.streams.rawfits import write_raw  # noqa: E402
+from dmstream.benchmarks.timing import rfft2_unit, times
+from dmstream.payloads.camera import get_detector
+from dmstream.streams.camera import DetectorElectronics, simulate_raw
+from dmstream.streams.rawfits import write_raw
 
 REPEATS = 5
 HEADER = {
@@ -34,19 +26,6 @@ HEADER = {
 }
 
 
-def _times(action: Callable[[], object], repeats: int = REPEATS) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        action()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def rfft2_unit() -> float:
-    """Best of a few single-core rfft2 of a 4096 x 4096 float32 array, s."""
-    image = np.random.default_rng(0).standard_normal((4096, 4096), dtype=np.float32)
-    return min(_times(lambda: scipy.fft.rfft2(image, workers=1)))
 
 
 def bench_detector(name: str, scratch: Path, unit: float) -> None:
@@ -57,10 +36,10 @@ def bench_detector(name: str, scratch: Path, unit: float) -> None:
     sky = rng.uniform(1000.0, 3000.0)
     signal = np.full(detector.shape, sky, dtype=np.float32)
     amps = simulate_raw(signal, 30.0, 30.9, electronics, rng)
-    simulate = statistics.median(_times(lambda: simulate_raw(signal, 30.0, 30.9, electronics, rng)))
+    simulate = statistics.median(times(lambda: simulate_raw(signal, 30.0, 30.9, electronics, rng)))
     path = scratch / f"{name}.fits"
-    write = statistics.median(_times(lambda: write_raw(path, HEADER, amps, detector)))
-    write_rice = statistics.median(_times(lambda: write_raw(path, HEADER, amps, detector, compress=True),
+    write = statistics.median(times(lambda: write_raw(path, HEADER, amps, detector)))
+    write_rice = statistics.median(times(lambda: write_raw(path, HEADER, amps, detector, compress=True),
                                           repeats=3))
     rows, cols = detector.readout.raw_shape
     print(f"{detector.vendor:3s} {name} ({16 * rows * cols / 1e6:.1f} Mpx raw, sky {sky:.0f} e-/px):"
