@@ -193,3 +193,43 @@ def test_recording_the_replay_gives_the_night_back(stack: Stack, tmp_path: Path)
         original = fits.open(night / line["readout"])
         for ours, theirs in zip(recorded[1:], original[1:], strict=True):
             np.testing.assert_array_equal(ours.data, theirs.data)
+
+
+def test_replay_waits_for_a_lagging_pipeline(stack: Stack, tmp_path: Path) -> None:
+    """With max_lag, replay holds back until the consumer group catches up."""
+    night = _hand_made_night(tmp_path / "lagging")
+    bootstrap = stack.settings.kafka_bootstrap
+    group = "lag-test-pipeline"
+    readout = topics.CAMERA_READOUT
+    partitions = [TopicPartition(readout.name, p) for p in range(readout.partitions)]
+
+    async def scenario() -> tuple[int, int]:
+        pipeline = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
+                                    fetch_max_bytes=MAX_MESSAGE_BYTES,
+                                    max_partition_fetch_bytes=MAX_MESSAGE_BYTES)
+        await pipeline.start()
+        try:
+            pipeline.assign(partitions)
+            await pipeline.seek_to_end(*partitions)
+            await pipeline.commit({tp: await pipeline.position(tp) for tp in partitions})
+            config = ReplayConfig(speed=None, max_lag=20, lag_group=group)
+            replaying = asyncio.create_task(replay([night], bootstrap, config))
+            await asyncio.sleep(4.0)
+            assert not replaying.done()
+            ends = await pipeline.end_offsets(partitions)
+            held_back = 0
+            for tp in partitions:
+                held_back += ends[tp] - await pipeline.committed(tp)
+            # The pipeline catches up; replay goes on to the end.
+            while not replaying.done():
+                await pipeline.getmany(timeout_ms=500)
+                await pipeline.commit()
+            stats = await replaying
+            return held_back, stats.amplifier_messages
+        finally:
+            await pipeline.stop()
+
+    held_back, sent = asyncio.run(scenario())
+    # Two detectors of 16 amplifiers went out before the lag bound held the rest.
+    assert 16 <= held_back <= 36
+    assert sent == 64
