@@ -137,6 +137,8 @@ class NightConfig:
             raise ValueError(f"bands must be a non-empty subset of {tuple(LSSTCAM_FILTERS)}")
         if self.n_visits is not None and self.n_visits < 0:
             raise ValueError("n_visits must be >= 0")
+        if self.n_visits == 1:
+            raise ValueError("every field is visited at least twice a night: ask for 2 or more visits")
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from functools import cache
 from pathlib import Path
 
 import pytest
 
 from dmstream.infra.process import free_port
 from dmstream.infra.stack import Stack
+from dmstream.models import NextVisit
 from dmstream.settings import ENV_PREFIX, Settings
+from dmstream.streams.efd import EfdConfig, summit_events
+from dmstream.streams.observatory import NightConfig, plan_night
+from dmstream.topics import NEXT_VISIT
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,6 +39,20 @@ def make_settings(data_dir: Path, **overrides: object) -> Settings:
     }
     values = {"data_dir": data_dir, "cache_dir": _shared_cache_dir(), **ports, **overrides}
     return Settings(**values)
+
+
+@cache
+def planned_announcements(count: int, seed: int) -> tuple[NextVisit, ...]:
+    """The ``nextVisit`` announcements of a planned night of ``count`` visits."""
+    plan = plan_night(NightConfig(seed=seed, day_obs=20261209, n_visits=count, n_bias=0, n_dark=0, n_flat=0))
+    return tuple(NextVisit(**event.record) for event in summit_events(plan, EfdConfig(telemetry=False))
+                 if event.topic == NEXT_VISIT)
+
+
+@pytest.fixture(scope="session")
+def announcements() -> object:
+    """``announcements(count, seed)``: nextVisit records of a planned night."""
+    return planned_announcements
 
 
 @pytest.fixture(scope="session")

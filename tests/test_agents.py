@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from dmstream.agents.ocs import record_next_visit
-from dmstream.streams.ocs import random_visits
 from dmstream.tables.visits import announced_visits
 
 
-async def test_next_visit_is_recorded_by_group_id() -> None:
-    visits = random_visits(3, start_utc=1.7e9, seed=7)
+async def test_next_visit_is_recorded_by_group_id(announcements) -> None:
+    visits = announcements(3, 7)
     async with record_next_visit.test_context() as agent:
         for visit in visits:
             await agent.put(visit, key=visit.groupId)
@@ -19,8 +18,8 @@ async def test_next_visit_is_recorded_by_group_id() -> None:
             assert stored.nimages == visit.nimages
 
 
-async def test_a_repeated_announcement_replaces_the_first() -> None:
-    first, second = random_visits(2, start_utc=1.7e9, seed=8)
+async def test_a_repeated_announcement_replaces_the_first(announcements) -> None:
+    first, second = announcements(2, 8)
     revised = second.derive(groupId=first.groupId, cameraAngle=12.5)
     async with record_next_visit.test_context() as agent:
         await agent.put(first, key=first.groupId)

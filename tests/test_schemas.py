@@ -11,7 +11,6 @@ import fastavro
 import pytest
 
 from dmstream import schemas, topics
-from dmstream.streams.ocs import random_visits
 
 
 def test_every_declared_topic_has_a_shipped_schema() -> None:
@@ -24,9 +23,9 @@ def test_schema_ids_are_unique() -> None:
     assert len(ids) == len(set(ids))
 
 
-def test_wire_format_is_readable_without_dmstream() -> None:
+def test_wire_format_is_readable_without_dmstream(announcements) -> None:
     """A foreign consumer needs only the header layout and the .avsc file of the id."""
-    visit = random_visits(1, start_utc=1.7e9, seed=3)[0]
+    visit = announcements(2, 3)[0]
     schema = schemas.latest(topics.NEXT_VISIT.subject)
     message = schemas.encode(schema, visit.asdict())
 
@@ -39,8 +38,8 @@ def test_wire_format_is_readable_without_dmstream() -> None:
     assert record["nimages"] == visit.nimages
 
 
-def test_round_trip() -> None:
-    visit = random_visits(1, start_utc=1.7e9, seed=4)[0]
+def test_round_trip(announcements) -> None:
+    visit = announcements(2, 4)[0]
     schema = schemas.latest(topics.NEXT_VISIT.subject)
     assert schemas.decode(schemas.encode(schema, visit.asdict())) == visit.asdict()
 

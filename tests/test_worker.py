@@ -12,7 +12,7 @@ import pytest
 
 from dmstream.infra.process import free_port
 from dmstream.infra.stack import Stack
-from dmstream.streams.ocs import announce, random_visits
+from dmstream.streams.ocs import announce
 from dmstream.streams.producer import SummitProducer
 from dmstream.topics import NEXT_VISIT
 from dmstream.workers import WorkerProcess, get_json
@@ -30,14 +30,14 @@ def _wait_for_visits(worker: WorkerProcess, wanted: set[str], timeout: float = 6
         time.sleep(0.3)
 
 
-def test_announced_visits_reach_the_table_and_survive_a_restart(stack: Stack) -> None:
+def test_announced_visits_reach_the_table_and_survive_a_restart(stack: Stack, announcements) -> None:
     worker = WorkerProcess(stack.settings, "flow", free_port())
     worker.start()
     try:
         health = worker.wait_healthy()
         assert any(a.startswith(NEXT_VISIT.name) for a in health["assignment"])
 
-        visits = random_visits(5, start_utc=1.7e9, seed=11)
+        visits = announcements(5, 11)
 
         async def send() -> None:
             async with SummitProducer(stack.settings.kafka_bootstrap) as producer:
