@@ -13,7 +13,6 @@ from __future__ import annotations
 import heapq
 import os
 import time
-from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from functools import cache
@@ -130,15 +129,11 @@ def _header_values(exposure: Exposure) -> dict[str, Any]:
     }
 
 
-def _readout_lines(tasks: list[_Task]) -> Iterator[tuple[float, int, _Task]]:
-    for order, task in enumerate(tasks):
-        yield task.exposure.tai_readout_end, order, task
-
-
 def _write_events(out: Path, plan: NightPlan, tasks: list[_Task], config: SimulationConfig) -> int:
     """The event log: summit messages and readout lines merged in time order."""
     summit = ((e.time_tai, 0, e) for e in summit_events(plan, config.efd))
-    readouts = ((t, 1, task) for t, _, task in _readout_lines(tasks))
+    # Tasks are in exposure order, so their readouts are already in time order.
+    readouts = ((task.exposure.tai_readout_end, 1, task) for task in tasks)
     with EventLogWriter(out) as writer:
         for when, kind, item in heapq.merge(summit, readouts, key=lambda line: (line[0], line[1])):
             if kind == 0:
