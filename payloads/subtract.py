@@ -1,0 +1,332 @@
+"""PSF-matched image subtraction: the proper difference image of Zackay, Ofek & Gal-Yam (2016, "ZOGY").
+
+Why ZOGY rather than Alard-Lupton here: with the PSFs of both images known
+(every calibrated ``CcdImage`` carries a ``PsfModel``), ZOGY is a closed form
+in Fourier space: a fixed count of whole-image FFTs (about 15 rfft2 units of
+ARCHITECTURE.md for a 4k x 4k pair, kernel spectra, difference, score and
+their variances included), no star selection and no kernel fit that can fail
+on a sparse or crowded field.  Its difference has white noise by construction
+(no decorrelation afterburner needed), its PSF is known in closed form, and
+its matched filter is the optimal detection statistic.  Alard-Lupton would
+need both a kernel fit on stamps and a decorrelation step to reach the same
+noise properties.  The price: ZOGY trusts the PSF models and the astrometric
+registration, and assumes each PSF constant over the region transformed; the
+images are therefore cut into overlapping patches (``SubtractConfig.patch_size``)
+with the PSFs taken at each patch centre.
+
+Conventions, for images already on the same pixel grid, background-subtracted:
+the template is first scaled to the science zero point, so with ``F_N = F_R = 1``,
+noise variances v_N, v_R (per pixel, medians of the variance planes) and
+PSF spectra P̂_N, P̂_R:
+
+    D̂ = c (P̂_R N̂ - P̂_N R̂) / √(v_N |P̂_R|² + v_R |P̂_N|²),   c = √(v_N + v_R),
+    P̂_D = c P̂_R P̂_N / √(v_N |P̂_R|² + v_R |P̂_N|²).
+
+``D`` is in science electrons, a transient of flux f in the science image is
+f·P_D in ``D`` (P_D sums to 1), and the noise of ``D`` is white with variance
+c².  The per-pixel variance of ``D`` is propagated through the two linear
+filters (var_N ⊗ k_N² + var_R ⊗ k_R²), which is c² where both images are
+background-limited and larger near bright stars.  The score is ``D`` correlated
+with P_D and scaled to a PSF-flux estimate at every pixel; its variance is
+var_D ⊗ P_D² / (Σ P_D²)², so score / √score_variance is the detection SNR.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, replace
+
+import numpy as np
+import scipy.fft
+
+from dmstream.payloads.image import CcdImage, PsfModel
+from dmstream.payloads.masks import MASK_DTYPE, MaskPlane
+from dmstream.payloads.warp import grow_bits
+
+#: Planes of either input that make the difference unreliable wherever the filters carry them.
+PROPAGATED_PLANES = (MaskPlane.BAD | MaskPlane.SAT | MaskPlane.CR | MaskPlane.INTRP | MaskPlane.NO_DATA
+                     | MaskPlane.SUSPECT | MaskPlane.STREAK | MaskPlane.INJECTED)
+
+
+@dataclass(frozen=True)
+class SubtractConfig:
+    """How to subtract.
+
+    Attributes
+    ----------
+    kernel_fwhms : float
+        Half-width of the PSF stamps, in FWHM of the wider PSF (Kolmogorov wings
+        beyond 4 FWHM hold about 1 % of the flux, beyond 6 FWHM about 0.5 %;
+        the stamp size does not change the cost of the whole-image FFTs).
+    patch_size : int
+        Side of the square patches transformed with one pair of PSFs, pixels
+        (before their overlap margins); 0 transforms the whole image at once.
+    fft_workers : int
+        Threads of each ``scipy.fft`` call.
+    """
+
+    kernel_fwhms: float = 6.0
+    patch_size: int = 0
+    fft_workers: int = 1
+
+
+@dataclass
+class SubtractResult:
+    """A difference image and its detection statistic.
+
+    Attributes
+    ----------
+    difference : CcdImage
+        Science minus PSF-matched template, science electrons; its PSF is the
+        difference PSF P_D; mask: both inputs' masks, grown by the filter
+        half-width, plus EDGE within that distance of the border.
+    score : numpy.ndarray
+        float32, PSF-flux estimate centred on every pixel, electrons.
+    score_variance : numpy.ndarray
+        float32, variance of ``score``, electrons².
+    template : CcdImage
+        The template in science electrons (zero point of the science image).
+    kernel_half : int
+        Half-width of the PSF stamps used, pixels.
+    """
+
+    difference: CcdImage
+    score: np.ndarray
+    score_variance: np.ndarray
+    template: CcdImage
+    kernel_half: int
+
+    @property
+    def snr(self) -> np.ndarray:
+        """Detection signal-to-noise ratio of every pixel (0 where unknown)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            snr = self.score / np.sqrt(self.score_variance)
+        return np.nan_to_num(snr, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+class PatchPsf:
+    """A PSF constant within each rectangular patch of the image, given as centred odd stamps.
+
+    Implements ``PsfModel`` for the difference image, whose PSF P_D is known
+    per patch.
+
+    Parameters
+    ----------
+    row_edges, col_edges : sequence of int
+        Patch boundaries, pixels (first 0, last the image size).
+    stamps : numpy.ndarray
+        (patch rows, patch cols, size, size), each stamp summing to 1.
+    """
+
+    def __init__(self, row_edges: list[int], col_edges: list[int], stamps: np.ndarray) -> None:
+        self.row_edges, self.col_edges = np.asarray(row_edges), np.asarray(col_edges)
+        self.stamps = stamps / stamps.sum(axis=(2, 3), keepdims=True)
+        half = stamps.shape[-1] // 2
+        offsets = np.arange(-half, half + 1)
+        radius2 = offsets[:, None] ** 2 + offsets[None, :] ** 2
+        # FWHM from the second moment of the core (within 2/3 of the stamp radius), as for a Gaussian.
+        core = self.stamps * (radius2 <= (half / 1.5) ** 2)
+        self._fwhm = 2.3548 * np.sqrt((core * radius2).sum(axis=(2, 3)) / core.sum(axis=(2, 3)) / 2)
+
+    def _patch(self, x: float, y: float) -> tuple[int, int]:
+        row = int(np.clip(np.searchsorted(self.row_edges, y, side="right") - 1, 0, len(self.row_edges) - 2))
+        col = int(np.clip(np.searchsorted(self.col_edges, x, side="right") - 1, 0, len(self.col_edges) - 2))
+        return row, col
+
+    def kernel(self, x: float, y: float, size: int) -> np.ndarray:
+        stamp = self.stamps[self._patch(x, y)]
+        half, want = stamp.shape[0] // 2, size // 2
+        out = np.zeros((size, size))
+        reach = min(half, want)
+        out[want - reach:want + reach + 1, want - reach:want + reach + 1] = \
+            stamp[half - reach:half + reach + 1, half - reach:half + reach + 1]
+        return out / out.sum()
+
+    @property
+    def size(self) -> int:
+        """Side of the stamps held, pixels."""
+        return self.stamps.shape[-1]
+
+    def fwhm(self, x: float, y: float) -> float:
+        return float(self._fwhm[self._patch(x, y)])
+
+
+def zero_point_scale(from_zero_point: float | None, to_zero_point: float | None) -> float:
+    """Factor that brings pixel values from one zero point to another (1 when either is unknown)."""
+    if from_zero_point is None or to_zero_point is None:
+        return 1.0
+    return float(10.0 ** (0.4 * (to_zero_point - from_zero_point)))
+
+
+def _kernel_spectrum(kernel: np.ndarray, fft_shape: tuple[int, int], workers: int) -> np.ndarray:
+    """rfft2 of a centred stamp placed with its centre on pixel (0, 0) of a periodic array."""
+    half = kernel.shape[0] // 2
+    padded = np.zeros(fft_shape, dtype=np.float32)
+    padded[:kernel.shape[0], :kernel.shape[1]] = kernel
+    padded = np.roll(padded, (-half, -half), axis=(0, 1))
+    return scipy.fft.rfft2(padded, workers=workers)
+
+
+def _valid_median(values: np.ndarray, good: np.ndarray) -> float:
+    # A strided subsample is plenty for a median and 16x cheaper.
+    sample = values[::4, ::4][good[::4, ::4]]
+    sample = sample[np.isfinite(sample)]
+    return float(np.median(sample)) if sample.size else 1.0
+
+
+def zogy(science: np.ndarray, template: np.ndarray, science_variance: np.ndarray,
+         template_variance: np.ndarray, science_psf: np.ndarray, template_psf: np.ndarray,
+         science_noise: float, template_noise: float, workers: int = 1
+         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Proper difference, its variance, score and score variance for one region.
+
+    Parameters
+    ----------
+    science, template : numpy.ndarray
+        Same shape, same flux units, background-subtracted; masked pixels set to 0.
+    science_variance, template_variance : numpy.ndarray
+        Per-pixel variances (finite), same units squared.
+    science_psf, template_psf : numpy.ndarray
+        Odd, centred stamps of the same size, each summing to 1.
+    science_noise, template_noise : float
+        Representative per-pixel variances v_N, v_R.
+    workers : int
+        Threads per FFT.
+
+    Returns
+    -------
+    difference, difference_variance, score, score_variance : numpy.ndarray
+        float32, the shape of ``science``.
+    difference_psf : numpy.ndarray
+        Centred stamp of P_D, the size of the input stamps, summing to 1.
+    """
+    rows, cols = science.shape
+    half = science_psf.shape[0] // 2
+    # Zero padding by two kernel half-widths keeps the circular convolutions from wrapping.
+    fft_shape = (scipy.fft.next_fast_len(rows + 2 * half, real=True),
+                 scipy.fft.next_fast_len(cols + 2 * half, real=True))
+
+    def forward(array: np.ndarray) -> np.ndarray:
+        return scipy.fft.rfft2(array.astype(np.float32, copy=False), fft_shape, workers=workers)
+
+    def inverse(spectrum: np.ndarray) -> np.ndarray:
+        return scipy.fft.irfft2(spectrum, fft_shape, workers=workers)[:rows, :cols].astype(np.float32)
+
+    psf_n = _kernel_spectrum(science_psf, fft_shape, workers)
+    psf_r = _kernel_spectrum(template_psf, fft_shape, workers)
+    scale = np.float32(np.sqrt(science_noise + template_noise))
+    # The floor only matters where both PSF spectra vanish, far beyond the band limit.
+    denominator = np.sqrt(science_noise * np.abs(psf_r) ** 2 + template_noise * np.abs(psf_n) ** 2)
+    denominator = np.maximum(denominator, np.float32(1e-12) * scale).astype(np.float32)
+    filter_n = (scale * psf_r / denominator).astype(np.complex64)
+    filter_r = (scale * psf_n / denominator).astype(np.complex64)
+    difference_spectrum = filter_n * forward(science) - filter_r * forward(template)
+    difference = inverse(difference_spectrum)
+    psf_d_spectrum = filter_n * psf_n
+    score = inverse(difference_spectrum * np.conj(psf_d_spectrum))
+
+    # Variance through the two filters: each filter's squared kernel applied to its variance plane.
+    kernel_n = scipy.fft.irfft2(filter_n, fft_shape, workers=workers).astype(np.float32)
+    kernel_r = scipy.fft.irfft2(filter_r, fft_shape, workers=workers).astype(np.float32)
+    variance_spectrum = (forward(kernel_n**2) * forward(science_variance)
+                         + forward(kernel_r**2) * forward(template_variance))
+    difference_variance = inverse(variance_spectrum)
+    psf_d = scipy.fft.irfft2(psf_d_spectrum, fft_shape, workers=workers).astype(np.float32)
+    score_variance = inverse(forward(difference_variance) * forward(psf_d**2))
+
+    psf_d_stamp = np.roll(psf_d, (half, half), axis=(0, 1))[:2 * half + 1, :2 * half + 1].astype(float)
+    psf_d_stamp /= psf_d_stamp.sum()
+    norm = np.float32((psf_d**2).sum())
+    # Squared-kernel FFT convolutions can leave round-off negatives where the variance is tiny.
+    np.maximum(difference_variance, 0.0, out=difference_variance)
+    np.maximum(score_variance, 0.0, out=score_variance)
+    return difference, difference_variance, score / norm, score_variance / norm**2, psf_d_stamp
+
+
+def _patch_edges(length: int, size: int) -> list[int]:
+    """Boundaries of pieces of about ``size`` tiling ``length`` (one piece when ``size`` is 0)."""
+    count = max(1, round(length / size)) if size else 1
+    return [int(edge) for edge in np.linspace(0, length, count + 1).round()]
+
+
+def run(science: CcdImage, template: CcdImage, config: SubtractConfig | None = None) -> SubtractResult:
+    """Subtract a template already resampled onto the science pixel grid.
+
+    Parameters
+    ----------
+    science : CcdImage
+        Calibrated, background-subtracted, with a PSF.
+    template : CcdImage
+        On the same grid (e.g. from :func:`dmstream.payloads.warp.warp_image`), with a PSF.
+    config : SubtractConfig, optional
+
+    Returns
+    -------
+    SubtractResult
+    """
+    config = config or SubtractConfig()
+    if science.psf is None or template.psf is None:
+        raise ValueError("both images need a PSF")
+    if science.shape != template.shape:
+        raise ValueError(f"science {science.shape} and template {template.shape} differ in shape")
+    rows, cols = science.shape
+    factor = np.float32(zero_point_scale(template.zero_point, science.zero_point))
+    no_data = ((science.mask | template.mask) & MaskPlane.NO_DATA) != 0
+    good = ~no_data
+    science_image = np.where(good, science.image, 0).astype(np.float32)
+    template_image = np.where(good, template.image * factor, 0).astype(np.float32)
+    template_variance = template.variance * factor**2
+    sigma_n = _valid_median(science.variance, good)
+    sigma_r = _valid_median(template_variance, good)
+    # Unknown variances (NO_DATA) take the typical value: those pixels are zero and flagged anyway.
+    science_var = np.where(good & np.isfinite(science.variance), science.variance, sigma_n).astype(np.float32)
+    template_var = np.where(good & np.isfinite(template_variance), template_variance,
+                            sigma_r).astype(np.float32)
+
+    centre_x, centre_y = (cols - 1) / 2, (rows - 1) / 2
+    fwhm = max(science.psf.fwhm(centre_x, centre_y), template.psf.fwhm(centre_x, centre_y))
+    half = int(np.ceil(config.kernel_fwhms * fwhm))
+    size = 2 * half + 1
+    difference = np.zeros((rows, cols), dtype=np.float32)
+    difference_variance = np.zeros_like(difference)
+    score = np.zeros_like(difference)
+    score_variance = np.zeros_like(difference)
+    # Patches overlap by two kernel widths so that each core sees all the pixels its filters reach.
+    margin = 2 * size
+    row_edges, col_edges = _patch_edges(rows, config.patch_size), _patch_edges(cols, config.patch_size)
+    difference_psfs = np.zeros((len(row_edges) - 1, len(col_edges) - 1, size, size))
+    for i, (y0, y1) in enumerate(itertools.pairwise(row_edges)):
+        for j, (x0, x1) in enumerate(itertools.pairwise(col_edges)):
+            oy0, oy1, ox0, ox1 = max(0, y0 - margin), min(rows, y1 + margin), max(0, x0 - margin), min(
+                cols, x1 + margin)
+            px, py = (x0 + x1 - 1) / 2, (y0 + y1 - 1) / 2
+            region = (slice(oy0, oy1), slice(ox0, ox1))
+            core = (slice(y0 - oy0, y1 - oy0), slice(x0 - ox0, x1 - ox0))
+            parts = zogy(science_image[region], template_image[region], science_var[region],
+                         template_var[region], _stamp(science.psf, px, py, size),
+                         _stamp(template.psf, px, py, size), sigma_n, sigma_r, config.fft_workers)
+            for out, part in zip((difference, difference_variance, score, score_variance), parts[:4],
+                                 strict=True):
+                out[y0:y1, x0:x1] = part[core]
+            difference_psfs[i, j] = parts[4]
+
+    mask = grow_bits((science.mask | template.mask) & PROPAGATED_PLANES, half) | science.mask
+    edge = np.ones((rows, cols), dtype=bool)
+    edge[half:-half, half:-half] = False
+    mask[edge] |= MaskPlane.EDGE
+    mask = mask.astype(MASK_DTYPE)
+    masked = (mask & MaskPlane.NO_DATA) != 0
+    difference[masked] = 0.0
+    score[masked] = 0.0
+    difference_variance[masked] = np.nan
+    score_variance[masked] = np.nan
+    psf = PatchPsf(row_edges, col_edges, difference_psfs)
+    result_image = replace(science, image=difference, variance=difference_variance, mask=mask, psf=psf)
+    scaled_template = replace(template, image=template.image * factor, variance=template_variance,
+                              zero_point=science.zero_point)
+    return SubtractResult(result_image, score, score_variance, scaled_template, half)
+
+
+def _stamp(psf: PsfModel, x: float, y: float, size: int) -> np.ndarray:
+    kernel = np.asarray(psf.kernel(x, y, size), dtype=float)
+    return kernel / kernel.sum()
