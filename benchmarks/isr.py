@@ -1,0 +1,82 @@
+"""How long ISR takes for one full CCD on one core, step by step.
+
+Run as ``python -m dmstream.benchmarks.isr``.  For an ITL and an e2v detector,
+simulates a 30 s exposure (sky ~1000 e-/px, stars, two saturated stars, cosmic
+rays), builds the calibrations from the electronics' truth (ISR's cost does
+not depend on where they come from) and prints the median time of each step of
+:class:`~dmstream.payloads.isr.Isr` and of the whole, in seconds and rfft2
+units, and the peak memory the ISR allocates (tracemalloc).
+"""
+
+import statistics
+import tracemalloc
+
+import numpy as np
+
+from dmstream.benchmarks.timing import rfft2_unit, times
+from dmstream.payloads.camera import get_detector
+from dmstream.payloads.isr import Isr, IsrCalibrations
+from dmstream.streams.camera import DetectorElectronics, simulate_raw
+
+REPEATS = 5
+
+
+def _scene(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    signal = np.full(shape, 1000.0, dtype=np.float32)
+    yy, xx = np.mgrid[-12:13, -12:13]
+    profile = np.exp(-(yy**2 + xx**2) / (2 * 1.7**2)) / (2 * np.pi * 1.7**2)
+    for flux in np.concatenate([10 ** rng.uniform(3.5, 5.5, 300), [3e7, 3e7]]):
+        y, x = rng.integers(20, shape[0] - 20), rng.integers(20, shape[1] - 20)
+        signal[y - 12:y + 13, x - 12:x + 13] += (flux * profile).astype(np.float32)
+    for _ in range(30):
+        y, x = rng.integers(5, shape[0] - 5), rng.integers(5, shape[1] - 5)
+        signal[y, x:x + 3] += 4000.0
+    return signal
+
+
+def _calibrations(electronics: DetectorElectronics) -> IsrCalibrations:
+    e = electronics
+    defects = e.flat == 0
+    defects[e.hot_pixels["y"], e.hot_pixels["x"]] = True
+    zeros = np.zeros(e.detector.shape, dtype=np.float32)
+    # Full well as read: through the non-linearity, which lowers it by up to ~1 %.
+    full_well_adu = e.full_well / e.gain
+    return IsrCalibrations(gain=e.gain, read_noise=e.read_noise,
+                           saturation=full_well_adu + e.nonlinearity * full_well_adu**2,
+                           linearity=e.nonlinearity, crosstalk=e.crosstalk, bias=zeros,
+                           bias_variance=zeros + 1.0, dark=e.dark_image(), dark_variance=zeros + 1e-4,
+                           flat=np.where(defects, 1, e.flat).astype(np.float32), defects=defects)
+
+
+def bench_detector(name: str, unit: float) -> None:
+    """Time every step of ISR on one detector and print the figures."""
+    detector = get_detector(name)
+    electronics = DetectorElectronics.draw(detector, seed=1)
+    rng = np.random.default_rng(2)
+    raw = simulate_raw(_scene(detector.shape, rng), 30.0, 30.0, electronics, rng)
+    calibs = _calibrations(electronics)
+    isr = Isr()
+    results = []
+    total = times(lambda: results.append(isr.run(raw, detector, calibs, 30.0, 30.0)), repeats=REPEATS)
+    tracemalloc.start()
+    isr.run(raw, detector, calibs, 30.0, 30.0)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    steps = {step: statistics.median(r.timings[step] for r in results) for step in results[0].timings}
+    whole = statistics.median(total)
+    print(f"{detector.vendor:3s} {name} {detector.shape[0]}x{detector.shape[1]}: ISR {whole:.3f} s ="
+          f" {whole / unit:.1f} units, peak memory {peak / 2**20:.0f} MiB,"
+          f" {results[0].n_saturated} SAT px, {results[0].n_cosmic_rays} CR px")
+    for step, seconds in steps.items():
+        print(f"    {step:15s} {seconds:.3f} s = {seconds / unit:5.2f} units")
+
+
+def main() -> None:
+    unit = rfft2_unit()
+    print(f"reference: scipy.fft.rfft2 4096x4096 float32, workers=1: {unit:.3f} s (= 1 unit)")
+    for name in ("R01_S01", "R22_S11"):
+        bench_detector(name, unit)
+
+
+if __name__ == "__main__":
+    main()
