@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from dmstream.payloads.camera import AMPLIFIERS_PER_DETECTOR, DetectorGeometry, pixel_to_focal_plane
+from dmstream.payloads.isr import IsrCalibrations
 
 #: Below this many expected electrons a pixel's shot noise is drawn from a
 #: Poisson distribution; above it a Gaussian of the same variance is
@@ -383,3 +384,24 @@ def simulate_raw(signal_e: np.ndarray | None, exptime: float, darktime: float,
         raw[i] += electronics.bias_columns[i].astype(np.float32)
     np.clip(raw, 0, electronics.adc_max, out=raw)
     return list(raw.astype(np.int32))
+
+
+def truth_calibrations(electronics: DetectorElectronics) -> IsrCalibrations:
+    """The calibrations a perfect calibration pipeline would measure for ``electronics``.
+
+    Gains, read noise, non-linearity, crosstalk, dark current, flat and defects
+    come straight from the simulator; the saturation level is the full well as
+    read (through the non-linearity, which lowers it by up to ~1 %).  The
+    master bias is left out (None): callers either measure it or, where the
+    bias does not matter, give a flat one.
+    """
+    full_well_adu = electronics.full_well / electronics.gain
+    defects = electronics.flat == 0
+    defects[electronics.hot_pixels["y"], electronics.hot_pixels["x"]] = True
+    return IsrCalibrations(
+        gain=electronics.gain, read_noise=electronics.read_noise,
+        saturation=full_well_adu + electronics.nonlinearity * full_well_adu**2,
+        linearity=electronics.nonlinearity, crosstalk=electronics.crosstalk,
+        dark=electronics.dark_image(), flat=np.where(defects, 1, electronics.flat).astype(np.float32),
+        defects=defects,
+    )

@@ -15,7 +15,7 @@ from dmstream.payloads.calibration import (
 )
 from dmstream.payloads.camera import assemble, get_detector
 from dmstream.payloads.isr import IsrCalibrations
-from dmstream.streams.camera import DetectorElectronics, simulate_raw
+from dmstream.streams.camera import DetectorElectronics, simulate_raw, truth_calibrations
 
 DARKTIME = 100.0
 FLAT_E = 30_000.0
@@ -33,9 +33,10 @@ def truth(electronics):
 
 @pytest.fixture(scope="module")
 def base_calibs(electronics) -> IsrCalibrations:
-    return IsrCalibrations(gain=electronics.gain, read_noise=electronics.read_noise,
-                           saturation=electronics.full_well / electronics.gain,
-                           linearity=electronics.nonlinearity, crosstalk=electronics.crosstalk)
+    """Gains, non-linearity, crosstalk and saturation from the truth; the rest is measured."""
+    truth = truth_calibrations(electronics)
+    return IsrCalibrations(gain=truth.gain, read_noise=truth.read_noise, saturation=truth.saturation,
+                           linearity=truth.linearity, crosstalk=truth.crosstalk)
 
 
 @pytest.fixture(scope="module")

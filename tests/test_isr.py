@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -9,7 +11,7 @@ from dmstream.payloads.calibration import MasterBias
 from dmstream.payloads.camera import get_detector
 from dmstream.payloads.isr import Isr, IsrCalibrations, IsrConfig, interpolate_rows
 from dmstream.payloads.masks import MaskPlane
-from dmstream.streams.camera import DetectorElectronics, simulate_raw
+from dmstream.streams.camera import DetectorElectronics, simulate_raw, truth_calibrations
 
 SKY_E = 800.0
 SIGMA_PX = 1.7
@@ -30,18 +32,11 @@ def electronics() -> DetectorElectronics:
 @pytest.fixture(scope="module")
 def calibs(electronics) -> IsrCalibrations:
     """Measured master bias; the other products from the truth, so that ISR alone is tested."""
-    e = electronics
-    saturation = e.full_well / e.gain
-    base = IsrCalibrations(gain=e.gain, read_noise=e.read_noise,
-                           saturation=saturation + e.nonlinearity * saturation**2,
-                           linearity=e.nonlinearity, crosstalk=e.crosstalk)
     rng = np.random.default_rng(1)
-    bias = MasterBias().run([simulate_raw(None, 0.0, 0.0, e, rng) for _ in range(4)], e.detector, base)
-    defects = e.flat == 0
-    defects[e.hot_pixels["y"], e.hot_pixels["x"]] = True
-    return IsrCalibrations(**{**base.__dict__, "bias": bias.bias, "bias_variance": bias.variance,
-                              "dark": e.dark_image(), "flat": np.where(defects, 1, e.flat).astype(np.float32),
-                              "defects": defects})
+    truth = truth_calibrations(electronics)
+    raws = [simulate_raw(None, 0.0, 0.0, electronics, rng) for _ in range(4)]
+    bias = MasterBias().run(raws, electronics.detector, truth)
+    return replace(truth, bias=bias.bias, bias_variance=bias.variance)
 
 
 @pytest.fixture(scope="module")
