@@ -5,7 +5,9 @@ pixel, see :mod:`dmstream.payloads.subtract`) above ``threshold`` sigma, positiv
 and negative separately, one source per component at its peak.  A positive and
 a negative peak closer than ``dipole_radius`` FWHM become one dipole.
 
-Measurement, vectorised over sources on fixed-size stamps:
+Measurement, vectorised over sources on fixed-size stamps, with PSF kernels
+interpolated from a coarse grid of positions and moved by separable Fourier
+(band-limited) shifts evaluated only on the stamp pixels:
 
 - centroid: a linearised least-squares PSF fit (flux and shift, two
   Gauss-Newton steps from the score peak), errors from its Fisher matrix;
@@ -34,8 +36,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import scipy.fft
-import scipy.ndimage as ndi
+import scipy.sparse
+import scipy.sparse.csgraph
 import sep
 from astropy.wcs import WCS
 
@@ -59,6 +61,9 @@ PIXEL_FLAG_PLANES = {
     "streak": MaskPlane.STREAK,
     "injected": MaskPlane.INJECTED,
 }
+#: Pixels kept around the fitting stamps on the PSF kernels that are shifted: more than the largest
+#: centroid shift (1.5) plus the reach of the band-limited interpolant's significant lobes.
+_SHIFT_MARGIN = 8
 #: Flags also measured on the central 3 x 3 pixels (``pixelFlags_<name>Center``).
 CENTER_FLAGS = ("cr", "nodata", "interpolated", "saturated", "suspect", "streak", "injected")
 
@@ -112,6 +117,9 @@ class DiaSourceConfig:
         A source counts as trailed when its major-axis moment exceeds the PSF's
         by this factor (and its SNR exceeds ``trail_min_snr``).
     trail_min_snr : float
+    psf_grid : float
+        Spacing of the nodes where the PSF models are evaluated, pixels; kernels
+        in between are bilinear interpolations of the four nearest.
     """
 
     threshold: float = 5.0
@@ -122,6 +130,7 @@ class DiaSourceConfig:
     aperture_radius: float = 12.0
     trail_min_excess: float = 1.6
     trail_min_snr: float = 10.0
+    psf_grid: float = 512.0
 
 
 @dataclass
@@ -150,10 +159,11 @@ def detect(snr: np.ndarray, usable: np.ndarray, threshold: float, min_pixels: in
            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Peaks of connected regions beyond ±threshold.
 
-    Every local maximum (of |snr|, over the 8 neighbours) inside a region is a
-    peak, unless a higher peak of the same region lies within ``separation``
-    pixels: close neighbours (two transients, a transient on a galaxy) are
-    kept apart, noise bumps on a bright source are not.
+    Regions are 4-connected pixels of one sign.  Every local maximum (of
+    |snr|, over the 8 neighbours) inside a region is a peak, unless a higher
+    peak of the same region lies within ``separation`` pixels: close
+    neighbours (two transients, a transient on a galaxy) are kept apart, noise
+    bumps on a bright source are not.  NaN in ``snr`` counts as 0.
 
     Returns
     -------
@@ -166,46 +176,66 @@ def detect(snr: np.ndarray, usable: np.ndarray, threshold: float, min_pixels: in
         Side of the square bounding the region of each peak, pixels.
     """
     rows, cols = snr.shape
-    xs, ys, signs, peaks, boxes = [], [], [], [], []
-    for sign in (1, -1):
-        above = ((sign * snr) > threshold) & usable
-        labels, count = ndi.label(above)
-        if not count:
-            continue
-        sizes = np.bincount(labels.ravel(), minlength=count + 1)
-        slices = ndi.find_objects(labels)
-        bbox = np.array([0] + [max(s[0].stop - s[0].start, s[1].stop - s[1].start) for s in slices])
-        py, px = np.nonzero(above)
-        value = sign * snr[py, px]
-        is_peak = sizes[labels[py, px]] >= min_pixels
-        for oy in (-1, 0, 1):
-            for ox in (-1, 0, 1):
-                if oy or ox:
-                    ny, nx = np.clip(py + oy, 0, rows - 1), np.clip(px + ox, 0, cols - 1)
-                    # Ties go to the earlier pixel in raster order, so a flat top gives one peak.
-                    neighbour = sign * snr[ny, nx]
-                    later = (oy, ox) > (0, 0)
-                    is_peak &= (value > neighbour) | ((value == neighbour) & later)
-        py, px, value = py[is_peak], px[is_peak], value[is_peak]
-        order = np.argsort(-value)
-        py, px, value = py[order], px[order], value[order]
-        label = labels[py, px]
-        keep = np.ones(py.size, bool)
-        for i in range(py.size):
-            if keep[i]:
-                close = (label[i + 1:] == label[i]) & (np.hypot(px[i + 1:] - px[i], py[i + 1:] - py[i])
-                                                        < separation)
-                keep[i + 1:] &= ~close
-        ys.append(py[keep])
-        xs.append(px[keep])
-        signs.append(np.full(keep.sum(), sign))
-        peaks.append(sign * value[keep])
-        boxes.append(bbox[label[keep]])
-    if not xs:
+    with np.errstate(invalid="ignore"):
+        py, px = np.nonzero((np.abs(snr) > threshold) & usable)
+    if not py.size:
         empty = np.zeros(0, dtype=np.intp)
         return empty, empty, empty, np.zeros(0), empty
-    return (np.concatenate(xs), np.concatenate(ys), np.concatenate(signs), np.concatenate(peaks),
-            np.concatenate(boxes))
+    signed = snr[py, px]
+    sign = np.where(signed > 0, 1, -1)
+    value = np.abs(signed)
+    labels, count = _components(py, px, sign, cols)
+    sizes = np.bincount(labels, minlength=count)
+    extent = []
+    for coordinate in (py, px):
+        low = np.full(count, coordinate.max())
+        high = np.zeros(count, coordinate.dtype)
+        np.minimum.at(low, labels, coordinate)
+        np.maximum.at(high, labels, coordinate)
+        extent.append(high - low + 1)
+    bbox = np.maximum(*extent)
+    is_peak = sizes[labels] >= min_pixels
+    for oy in (-1, 0, 1):
+        for ox in (-1, 0, 1):
+            if oy or ox:
+                ny, nx = np.clip(py + oy, 0, rows - 1), np.clip(px + ox, 0, cols - 1)
+                # Ties go to the earlier pixel in raster order, so a flat top gives one peak.
+                neighbour = np.nan_to_num(sign * snr[ny, nx], nan=0.0)
+                later = (oy, ox) > (0, 0)
+                is_peak &= (value > neighbour) | ((value == neighbour) & later)
+    py, px, value, sign, label = py[is_peak], px[is_peak], value[is_peak], sign[is_peak], labels[is_peak]
+    # Stable, so that equal peaks stay in raster order within each sign, positive first.
+    order = np.lexsort((-value, -sign))
+    py, px, value, sign, label = py[order], px[order], value[order], sign[order], label[order]
+    keep = np.ones(py.size, bool)
+    for i in range(py.size):
+        if keep[i]:
+            close = (label[i + 1:] == label[i]) & (np.hypot(px[i + 1:] - px[i], py[i + 1:] - py[i])
+                                                    < separation)
+            keep[i + 1:] &= ~close
+    return px[keep], py[keep], sign[keep], (sign * value)[keep], bbox[label[keep]]
+
+
+def _components(py: np.ndarray, px: np.ndarray, sign: np.ndarray, cols: int) -> tuple[np.ndarray, int]:
+    """4-connected components of same-sign pixels given in raster order; labels from 0, and their count.
+
+    The pixels above threshold are few, so a graph on them is much cheaper
+    than labelling the whole image.
+    """
+    flat = py * cols + px
+    heads, tails = [], []
+    for step, same_row in ((1, True), (cols, False)):
+        at = np.searchsorted(flat, flat + step)
+        at_ok = np.minimum(at, flat.size - 1)
+        linked = (at < flat.size) & (flat[at_ok] == flat + step) & (sign[at_ok] == sign)
+        if same_row:
+            linked &= px < cols - 1
+        heads.append(np.flatnonzero(linked))
+        tails.append(at[linked])
+    head, tail = np.concatenate(heads), np.concatenate(tails)
+    graph = scipy.sparse.coo_matrix((np.ones(head.size, np.int8), (head, tail)), shape=(flat.size, flat.size))
+    count, labels = scipy.sparse.csgraph.connected_components(graph, directed=False)
+    return labels, count
 
 
 def _stamps(array: np.ndarray, cx: np.ndarray, cy: np.ndarray, half: int, fill: float = 0.0) -> np.ndarray:
@@ -219,29 +249,77 @@ def _stamps(array: np.ndarray, cx: np.ndarray, cy: np.ndarray, half: int, fill: 
     return np.where(outside, fill, out)
 
 
-def _shifted(kernels: np.ndarray, dx: np.ndarray, dy: np.ndarray
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Kernels moved by (dx, dy) pixels (Fourier shift), and their x and y derivatives.
+def _dirichlet(offset: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The band-limited interpolant of a periodic array of odd ``size``, and its derivative, at ``offset``.
 
-    The stamps must be larger than the region used, so that the periodic wrap
-    of the shift only touches their border.
+    Shifting by multiplying the DFT with a phase ramp is a convolution with this
+    kernel (the Dirichlet kernel sin(pi t) / (size sin(pi t / size))), so
+    evaluating it directly gives the Fourier shift on only the pixels wanted.
+    """
+    t = (offset + size / 2) % size - size / 2
+    near = np.abs(t) < 1e-3
+    # Closed forms cancel catastrophically at t = 0; a second-order expansion takes over there.
+    curvature = np.pi**2 * (1 - 1 / size**2) / 6
+    t_safe = np.where(near, 0.5, t)
+    sin_t, cos_t = np.sin(np.pi * t_safe), np.cos(np.pi * t_safe)
+    denominator = size * np.sin(np.pi * t_safe / size)
+    value = sin_t / denominator
+    slope = np.pi * (cos_t * denominator - sin_t * np.cos(np.pi * t_safe / size)) / denominator**2
+    return np.where(near, 1 - curvature * t**2, value), np.where(near, -2 * curvature * t, slope)
+
+
+def _shift_matrices(shift: np.ndarray, size: int, half: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 2 half + 1, size) matrices: a stamp axis moved by ``shift``, on its central 2 half + 1 pixels."""
+    centre = size // 2
+    # Entries depend only on (target - source pixel) and the shift: evaluate each such offset once.
+    band = np.arange(centre - half - size + 1, centre + half + 1)
+    value, slope = _dirichlet(band[None, :] - shift[:, None], size)
+    index = np.arange(centre - half, centre + half + 1)[:, None] - np.arange(size)[None, :] - band[0]
+    return value[:, index], slope[:, index]
+
+
+def _shifted(kernels: np.ndarray, dx: np.ndarray, dy: np.ndarray, half: int, derivatives: bool = True
+             ) -> tuple[np.ndarray, ...]:
+    """Kernels moved by (dx, dy) pixels (Fourier shift), cropped to +-``half`` about their centre.
+
+    The shift is separable: a matrix on each side of every stamp, so only the
+    cropped pixels are computed.  The stamps must be larger than the region
+    used, so that the periodic wrap of the shift only touches their border.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        The moved kernels and, with ``derivatives``, their x and y spatial derivatives.
     """
     size = kernels.shape[-1]
-    k = np.fft.fftfreq(size)
-    spectrum = scipy.fft.fft2(kernels, workers=1)
-    phase = np.exp(-2j * np.pi * (k[None, None, :] * dx[:, None, None]
-                                  + k[None, :, None] * dy[:, None, None]))
-    moved = spectrum * phase
-    shifted = scipy.fft.ifft2(moved, workers=1).real
-    # d/d(position) of P(x - x0) is minus the spatial derivative; here the spatial derivative.
-    ddx = scipy.fft.ifft2(moved * (2j * np.pi * k)[None, None, :], workers=1).real
-    ddy = scipy.fft.ifft2(moved * (2j * np.pi * k)[None, :, None], workers=1).real
-    return shifted, ddx, ddy
+    along_x, slope_x = _shift_matrices(dx, size, half)
+    along_y, slope_y = _shift_matrices(dy, size, half)
+    rows_moved = kernels @ np.swapaxes(along_x, 1, 2)
+    moved = along_y @ rows_moved
+    if not derivatives:
+        return (moved,)
+    return moved, along_y @ (kernels @ np.swapaxes(slope_x, 1, 2)), slope_y @ rows_moved
 
 
-def _kernels(psf: PsfModel, x: np.ndarray, y: np.ndarray, size: int) -> np.ndarray:
-    return np.array([psf.kernel(float(a), float(b), size) for a, b in zip(x, y, strict=True)]).reshape(
-        -1, size, size)
+def _kernels(psf: PsfModel, x: np.ndarray, y: np.ndarray, size: int, half: int, spacing: float
+             ) -> np.ndarray:
+    """PSF kernels (unit sum over ``size`` pixels) at (x, y), cropped to +-``half``.
+
+    The PSF varies slowly over a CCD, so it is evaluated only on the nodes of a
+    grid ``spacing`` pixels apart around the sources and bilinearly
+    interpolated between them.
+    """
+    if x.size == 0:
+        return np.zeros((0, 2 * half + 1, 2 * half + 1))
+    gx, gy = x / spacing, y / spacing
+    x0, y0 = int(np.floor(gx.min())), int(np.floor(gy.min()))
+    nx, ny = int(np.floor(gx.max())) - x0 + 2, int(np.floor(gy.max())) - y0 + 2
+    nodes = np.array([[_crop(np.asarray(psf.kernel((x0 + i) * spacing, (y0 + j) * spacing, size), float),
+                             half) for i in range(nx)] for j in range(ny)])
+    ix, iy = np.floor(gx).astype(np.intp) - x0, np.floor(gy).astype(np.intp) - y0
+    fx, fy = (gx - x0 - ix)[:, None, None], (gy - y0 - iy)[:, None, None]
+    return ((1 - fy) * ((1 - fx) * nodes[iy, ix] + fx * nodes[iy, ix + 1])
+            + fy * ((1 - fx) * nodes[iy + 1, ix] + fx * nodes[iy + 1, ix + 1]))
 
 
 def _crop(stamps: np.ndarray, half: int) -> np.ndarray:
@@ -261,7 +339,7 @@ def _fit_centroids(data: np.ndarray, weight: np.ndarray, kernels: np.ndarray, dx
                    dy: np.ndarray, half: int, steps: int = 2) -> tuple[np.ndarray, ...]:
     """Gauss-Newton fit of flux and shift of the PSF; returns dx, dy, covariance (n, 3, 3), flux."""
     for _ in range(steps + 1):
-        model, ddx, ddy = (_crop(a, half) for a in _shifted(kernels, dx, dy))
+        model, ddx, ddy = _shifted(kernels, dx, dy, half)
         flux, _ = _linear_flux(data, weight, model)
         # Columns: d model / d flux, d model / d x0, d model / d y0.
         basis = np.stack([model, -flux[:, None, None] * ddx, -flux[:, None, None] * ddy], axis=1)
@@ -374,14 +452,16 @@ def run(subtraction: SubtractResult, science: CcdImage, config: DiaSourceConfig 
     rows, cols = diff.shape
     usable = (diff.mask & MaskPlane.NO_DATA) == 0
     fwhm = diff.psf.fwhm((cols - 1) / 2, (rows - 1) / 2)
-    px, py, sign, peak_snr, bbox = detect(subtraction.snr, usable, config.threshold, config.min_pixels,
+    with np.errstate(invalid="ignore", divide="ignore"):
+        snr = subtraction.score / np.sqrt(subtraction.score_variance)
+    px, py, sign, peak_snr, bbox = detect(snr, usable, config.threshold, config.min_pixels,
                                           config.deblend_separation * fwhm)
     positive, negative = int((sign > 0).sum()), int((sign < 0).sum())
 
     half = max(int(np.ceil(config.stamp_fwhms * fwhm)), 3)
-    # Kernels as wide as subtraction used, so that the fitted model holds (nearly) all the flux.
-    pad = max(subtraction.kernel_half, half + 4)
-    kernel_size = 2 * pad + 1
+    # Kernels normalised as wide as subtraction used, so that the fitted model holds (nearly) all the
+    # flux, then cut to what a shift of the fitting stamp can reach.
+    kernel_size = 2 * max(subtraction.kernel_half, half + _SHIFT_MARGIN) + 1
 
     # Sub-pixel start from a parabola through the score's peak and its neighbours.
     score = subtraction.score
@@ -395,16 +475,15 @@ def run(subtraction: SubtractResult, science: CcdImage, config: DiaSourceConfig 
     start_dy = parabola(score[cy0 - 1, px], score[cy0, px], score[cy0 + 1, px])
 
     image_stamps = _stamps(diff.image, px, py, half)
-    variance = np.nan_to_num(diff.variance, nan=0.0)
-    var_stamps = _stamps(variance, px, py, half)
+    var_stamps = np.nan_to_num(_stamps(diff.variance, px, py, half), nan=0.0)
     mask_stamps = _stamps(diff.mask, px, py, half, fill=int(MaskPlane.NO_DATA))
     bad_fit = MaskPlane.NO_DATA | MaskPlane.SAT | MaskPlane.BAD
     with np.errstate(divide="ignore"):
         weight = np.where(((mask_stamps & bad_fit) == 0) & (var_stamps > 0), 1.0 / var_stamps, 0.0)
-    kernels = _kernels(diff.psf, px, py, kernel_size)
+    kernels = _kernels(diff.psf, px, py, kernel_size, half + _SHIFT_MARGIN, config.psf_grid)
     dx, dy, covariance, _ = _fit_centroids(image_stamps, weight, kernels, start_dx, start_dy, half)
     x, y = px + dx, py + dy
-    model = _crop(_shifted(kernels, dx, dy)[0], half)
+    model = _shifted(kernels, dx, dy, half, derivatives=False)[0]
     psf_flux, psf_flux_err = _linear_flux(image_stamps, weight, model)
     residual = image_stamps - psf_flux[:, None, None] * model
     ndata = (weight > 0).sum(axis=(1, 2))
@@ -452,18 +531,17 @@ def run(subtraction: SubtractResult, science: CcdImage, config: DiaSourceConfig 
     if pairs:
         dip = slice(int(keep.sum()), None)
         cx, cy = np.rint(out_x[dip]).astype(np.intp), np.rint(out_y[dip]).astype(np.intp)
-        flux[dip], flux_err[dip] = _forced(diff.image, variance, diff.mask, diff.psf, out_x[dip], out_y[dip],
-                                           cx, cy, half, pad)
+        flux[dip], flux_err[dip] = _forced(diff, out_x[dip], out_y[dip], cx, cy, half, kernel_size,
+                                           config.psf_grid)
     ix, iy = np.rint(out_x).astype(np.intp), np.rint(out_y).astype(np.intp)
     ix_c, iy_c = np.clip(ix, 0, cols - 1), np.clip(iy, 0, rows - 1)
-    sci_var = np.nan_to_num(science.variance, nan=0.0)
-    science_flux, science_err = _forced(science.image, sci_var, science.mask, science.psf, out_x, out_y,
-                                        ix_c, iy_c, half, pad)
+    science_flux, science_err = _forced(science, out_x, out_y, ix_c, iy_c, half, kernel_size, config.psf_grid)
     template = subtraction.template
-    template_flux, template_err = _forced(template.image, np.nan_to_num(template.variance, nan=0.0),
-                                          template.mask, template.psf, out_x, out_y, ix_c, iy_c, half, pad)
+    template_flux, template_err = _forced(template, out_x, out_y, ix_c, iy_c, half, kernel_size,
+                                          config.psf_grid)
 
     ap_mask = (diff.mask & (MaskPlane.NO_DATA | MaskPlane.SAT | MaskPlane.BAD)) != 0
+    variance = np.nan_to_num(diff.variance, nan=0.0)
     ap_flux, ap_err, ap_flag = sep.sum_circle(np.ascontiguousarray(diff.image, dtype=np.float32),
                                               out_x, out_y, config.aperture_radius,
                                               var=np.ascontiguousarray(variance, dtype=np.float32),
@@ -477,8 +555,8 @@ def run(subtraction: SubtractResult, science: CcdImage, config: DiaSourceConfig 
     polarity = np.sign(np.where(flux == 0, 1, flux))[:, None, None]
     ixx, iyy, ixy, shape_ok = _weighted_moments(_stamps(diff.image, ix_c, iy_c, half) * polarity,
                                                 sigma, sx, sy)
-    centre = np.array([(cols - 1) / 2]), np.array([(rows - 1) / 2])
-    centre_psf = _crop(_kernels(diff.psf, *centre, kernel_size), half)
+    centre = (cols - 1) / 2, (rows - 1) / 2
+    centre_psf = _crop(np.asarray(diff.psf.kernel(*centre, kernel_size), float), half)[None]
     pxx, pyy, pxy, _ = _weighted_moments(centre_psf, sigma, np.zeros(1), np.zeros(1))
     trace_ratio = (ixx + iyy) / (pxx + pyy)
 
@@ -563,20 +641,19 @@ def run(subtraction: SubtractResult, science: CcdImage, config: DiaSourceConfig 
     return DiaSourceResult(pa.Table.from_arrays(arrays, schema=SCHEMA), positive, negative)
 
 
-def _forced(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, psf: PsfModel, x: np.ndarray,
-            y: np.ndarray, cx: np.ndarray, cy: np.ndarray, half: int, pad: int
-            ) -> tuple[np.ndarray, np.ndarray]:
+def _forced(image: CcdImage, x: np.ndarray, y: np.ndarray, cx: np.ndarray, cy: np.ndarray, half: int,
+            kernel_size: int, spacing: float) -> tuple[np.ndarray, np.ndarray]:
     """Linear PSF flux at fixed positions (x, y) on stamps centred on pixels (cx, cy)."""
-    if x.size == 0:
-        return np.zeros(0), np.zeros(0)
-    data = _stamps(image, cx, cy, half)
-    var = _stamps(variance, cx, cy, half)
-    bad = (_stamps(mask, cx, cy, half, fill=int(MaskPlane.NO_DATA))
+    if x.size == 0 or image.psf is None:
+        return np.full(x.size, np.nan), np.full(x.size, np.nan)
+    data = _stamps(image.image, cx, cy, half)
+    var = np.nan_to_num(_stamps(image.variance, cx, cy, half), nan=0.0)
+    bad = (_stamps(image.mask, cx, cy, half, fill=int(MaskPlane.NO_DATA))
            & (MaskPlane.NO_DATA | MaskPlane.SAT | MaskPlane.BAD)) != 0
     with np.errstate(divide="ignore"):
         weight = np.where(~bad & (var > 0), 1.0 / var, 0.0)
-    kernels = _kernels(psf, x, y, 2 * pad + 1)
-    model = _crop(_shifted(kernels, x - cx, y - cy)[0], half)
+    kernels = _kernels(image.psf, x, y, kernel_size, half + _SHIFT_MARGIN, spacing)
+    model = _shifted(kernels, x - cx, y - cy, half, derivatives=False)[0]
     return _linear_flux(data, weight, model)
 
 
@@ -593,14 +670,14 @@ def _fit_dipole(diff: CcdImage, xp: float, yp: float, xn: float, yn: float, half
     pad = reach + 4
     centre = np.array([cx]), np.array([cy])
     data = _stamps(diff.image, *centre, reach)[0]
-    var = _stamps(np.nan_to_num(diff.variance, nan=0.0), *centre, reach)[0]
+    var = np.nan_to_num(_stamps(diff.variance, *centre, reach)[0], nan=0.0)
     bad = (_stamps(diff.mask, *centre, reach, fill=int(MaskPlane.NO_DATA))[0]
            & (MaskPlane.NO_DATA | MaskPlane.SAT | MaskPlane.BAD)) != 0
     with np.errstate(divide="ignore"):
         weight = np.where(~bad & (var > 0), 1.0 / var, 0.0)
     kernel = diff.psf.kernel((xp + xn) / 2, (yp + yn) / 2, 2 * pad + 1)
-    lobes = _crop(_shifted(np.stack([kernel, kernel]), np.array([xp - cx, xn - cx]),
-                           np.array([yp - cy, yn - cy]))[0], reach)
+    lobes = _shifted(np.stack([kernel, kernel]), np.array([xp - cx, xn - cx]), np.array([yp - cy, yn - cy]),
+                     reach, derivatives=False)[0]
     basis = np.stack([lobes[0], -lobes[1]]).reshape(2, -1)
     w = weight.ravel()
     fisher = (basis * w) @ basis.T

@@ -170,19 +170,24 @@ class WarpedPsf:
 def grow_bits(mask: np.ndarray, radius: int) -> np.ndarray:
     """Each pixel ORed with the bits of its neighbours within a (2 radius + 1)² box.
 
-    Separable, and by doubling steps, so the cost grows as log(radius).
+    One boolean plane per bit that is set somewhere, dilated (separable running
+    maximum, cost independent of the radius) only within the bounding box of
+    that bit grown by the radius: masks are mostly empty, and bytes are a
+    quarter of the traffic of the 32-bit mask.
     """
     out = mask.copy()
-    for axis in (0, 1):
-        reach = 0
-        while reach < radius:
-            step = min(reach + 1, radius - reach)
-            source = out.copy()
-            lead, lag = [slice(None)] * 2, [slice(None)] * 2
-            lead[axis], lag[axis] = slice(step, None), slice(None, -step)
-            out[tuple(lead)] |= source[tuple(lag)]
-            out[tuple(lag)] |= source[tuple(lead)]
-            reach += step
+    if radius <= 0:
+        return out
+    present = int(np.bitwise_or.reduce(mask, axis=None))
+    rows, cols = mask.shape
+    for bit in (1 << k for k in range(present.bit_length()) if present >> k & 1):
+        plane = (mask & mask.dtype.type(bit)) != 0
+        set_rows, set_cols = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+        box = (slice(max(set_rows[0] - radius, 0), min(set_rows[-1] + radius + 1, rows)),
+               slice(max(set_cols[0] - radius, 0), min(set_cols[-1] + radius + 1, cols)))
+        grown = ndi.maximum_filter1d(plane[box], 2 * radius + 1, axis=1, mode="constant")
+        grown = ndi.maximum_filter1d(grown, 2 * radius + 1, axis=0, mode="constant")
+        np.bitwise_or(out[box], mask.dtype.type(bit), out=out[box], where=grown)
     return out
 
 
