@@ -348,6 +348,8 @@ def _fit_centroids(data: np.ndarray, weight: np.ndarray, kernels: np.ndarray, dx
         residual = data - flux[:, None, None] * model
         gradient = np.einsum("nipq,npq->ni", basis, weight * residual)
         step = np.linalg.solve(fisher, gradient[..., None])[..., 0]
+        # A source without usable pixels (all masked) keeps its starting position; centroid_flag says so.
+        step = np.nan_to_num(step, nan=0.0, posinf=0.0, neginf=0.0)
         dx = np.clip(dx + step[:, 1], -1.5, 1.5)
         dy = np.clip(dy + step[:, 2], -1.5, 1.5)
     covariance = np.linalg.inv(fisher)

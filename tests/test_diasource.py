@@ -102,3 +102,16 @@ def test_cutouts_open_with_astropy_and_carry_the_wcs() -> None:
                                   np.array([1.0]))[0]
     with fits.open(io.BytesIO(corner.cutoutDifference)) as hdus:
         assert (hdus["MASK"].data[0, 0] & 256) and np.isnan(hdus["UNCERT"].data[0, 0])
+
+
+def test_a_source_without_usable_pixels_is_flagged_not_lost() -> None:
+    """A detection whose whole stamp is masked (e.g. a saturated core) keeps a finite position."""
+    from dmstream.payloads.masks import MaskPlane
+
+    scene = make_scene(transients=20, stars=50, seed=5)
+    x, y = int(scene.transient_x[0]), int(scene.transient_y[0])
+    scene.science.mask[y - 15:y + 16, x - 15:x + 16] |= np.uint32(MaskPlane.SAT)
+    _, table = _pipeline(scene)
+    assert np.isfinite(table["x"]).all() and np.isfinite(table["y"]).all()
+    masked = np.hypot(table["x"] - x, table["y"] - y) < 3
+    assert masked.any() and table["centroid_flag"][masked].all()
