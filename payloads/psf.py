@@ -205,11 +205,13 @@ def adaptive_moments(stamps: np.ndarray, variance: np.ndarray | None = None, sig
     else:
         ux, uy = gx - cx[:, None, None], gy - cy[:, None, None]
         q = (myy[:, None, None] * ux**2 - 2 * mxy[:, None, None] * ux * uy + mxx[:, None, None] * uy**2)
-        weight = np.exp(-0.5 * q / (mxx * myy - mxy**2)[:, None, None])
-        total = np.maximum((weight * data).sum(axis=(1, 2)), 1e-30)
-        w2v = weight**2 * variance
-        err_x = 2.0 * np.sqrt((w2v * ux**2).sum(axis=(1, 2))) / total
-        err_y = 2.0 * np.sqrt((w2v * uy**2).sum(axis=(1, 2))) / total
+        # Moments that never became positive definite give non-finite errors: NaN, not a warning.
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            weight = np.exp(-0.5 * q / (mxx * myy - mxy**2)[:, None, None])
+            total = np.maximum((weight * data).sum(axis=(1, 2)), 1e-30)
+            w2v = weight**2 * variance
+            err_x = 2.0 * np.sqrt((w2v * ux**2).sum(axis=(1, 2))) / total
+            err_y = 2.0 * np.sqrt((w2v * uy**2).sum(axis=(1, 2))) / total
     return Moments(cx, cy, err_x, err_y, mxx, myy, mxy, converged)
 
 
