@@ -1,7 +1,7 @@
 """How long difference imaging of one full-size CCD takes on one core.
 
-Run as ``python -m dmstream.benchmarks.difference`` from the repository (the
-scene comes from the tests' simulator, ``tests/diff_simulation.py``).  On a
+Run as ``python -m dmstream.benchmarks.difference`` (the scene comes from
+:mod:`dmstream.streams.scenes`).  On a
 4000 x 4072 science/template pair (science PSF 1.0″, template 0.7″ on a
 rotated, shifted grid, 3000 static stars, 1000 transients) it times: warping
 the template onto the science grid, PSF matching and subtraction (ZOGY),
@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from dmstream.benchmarks.timing import rfft2_unit, times
 from dmstream.payloads import cutouts, diasource, subtract, warp
-from tests.diff_simulation import make_scene
+from dmstream.streams.scenes import make_scene
 
 SHAPE = (4000, 4072)
 REPEATS = 3

@@ -9,7 +9,7 @@ from astropy.nddata import CCDData
 from astropy.wcs import WCS
 
 from dmstream.payloads import cutouts, diasource, subtract, warp
-from tests.diff_simulation import Scene, make_scene
+from dmstream.streams.scenes import Scene, make_scene
 
 
 def _pipeline(scene: Scene) -> tuple[subtract.SubtractResult, dict[str, np.ndarray]]:

@@ -7,7 +7,7 @@ from dmstream.payloads import coadd, subtract, warp
 from dmstream.payloads.image import CcdImage
 from dmstream.payloads.masks import MaskPlane, empty_mask
 from dmstream.payloads.render import Psf, draw_point_sources
-from tests.diff_simulation import ZERO_POINT, RenderPsfModel, make_scene, observe, tan_wcs
+from dmstream.streams.scenes import ZERO_POINT, RenderPsfModel, make_scene, observe, tan_wcs
 
 SHAPE = (512, 512)
 

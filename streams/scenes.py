@@ -1,4 +1,4 @@
-"""Science/template pairs with injected truth, for the difference-imaging tests and benchmark.
+"""Science/template image pairs with injected truth, for testing and timing difference imaging.
 
 The images stand for what calibration hands over: background-subtracted
 electrons with an honest variance plane, a WCS and a PSF model (here the
