@@ -55,7 +55,8 @@ def require_free_ports(service: str, host: str, ports: dict[str, int]) -> None:
         if not port_is_free(host, port):
             raise PortInUseError(
                 f"{service}: port {port} on {host} is already in use by another program. "
-                f"Stop that program, or give {service} another port with "
+                f"Stop that program (a dmstream stack of another data directory stops with "
+                f"`dmstream stack down` run there), or give {service} another port with "
                 f"DMSTREAM_{setting.upper()}=<port>."
             )
 
