@@ -8,13 +8,12 @@ this job prints.
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
-from dmstream.infra.process import StackError, free_port
+from dmstream.infra.process import free_port
 from dmstream.settings import Settings
 from dmstream.streams.night import MessageEvent, NightReader
 from dmstream.streams.observatory import NightConfig
@@ -63,18 +62,6 @@ def _announced_group_ids(night: Path) -> list[str]:
             if isinstance(event, MessageEvent) and event.topic == NEXT_VISIT.name]
 
 
-def _wait_for_visits(worker: WorkerProcess, group_ids: list[str], timeout: float = 60.0) -> dict[str, dict]:
-    deadline = time.monotonic() + timeout
-    while True:
-        _, body = get_json(f"{worker.url}/visits/")
-        recorded = {row["groupId"]: row for row in body["visits"] if row["groupId"] in set(group_ids)}
-        if len(recorded) == len(group_ids):
-            return recorded
-        if time.monotonic() > deadline:
-            raise StackError(f"only {len(recorded)} of {len(group_ids)} visits reached the worker's table")
-        time.sleep(0.3)
-
-
 def run(settings: Settings, night_dir: Path, night: DemoNight) -> None:
     ensure_night(night_dir, night)
     group_ids = _announced_group_ids(night_dir)
@@ -84,7 +71,7 @@ def run(settings: Settings, night_dir: Path, night: DemoNight) -> None:
         worker.wait_healthy()
         stats: ReplayStats = asyncio.run(
             replay([night_dir], settings.kafka_bootstrap, ReplayConfig(speed=None)))
-        recorded = _wait_for_visits(worker, group_ids)
+        recorded = worker.wait_for_visits(set(group_ids))
         _, metrics = get_json(f"{worker.url}/metrics/")
     finally:
         worker.stop()

@@ -67,5 +67,18 @@ class WorkerProcess:
         raise StackError(f"worker {self.worker_id} not healthy after {timeout:.0f} s: {last}\n"
                          f"{self.process.log_tail(30)}")
 
+    def wait_for_visits(self, group_ids: set[str], timeout: float = 60.0) -> dict[str, dict[str, Any]]:
+        """Block until ``/visits/`` lists every one of ``group_ids``; return their rows."""
+        deadline = time.monotonic() + timeout
+        while True:
+            _, body = get_json(f"{self.url}/visits/")
+            found = {row["groupId"]: row for row in body["visits"] if row["groupId"] in group_ids}
+            if len(found) == len(group_ids):
+                return found
+            if time.monotonic() > deadline:
+                raise StackError(f"only {len(found)} of {len(group_ids)} visits reached the table of "
+                                 f"worker {self.worker_id}")
+            time.sleep(0.3)
+
     def stop(self, timeout: float = 30.0) -> bool:
         return self.process.stop(timeout=timeout)

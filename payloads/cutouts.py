@@ -16,12 +16,9 @@ data written big-endian directly.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
-from astropy.io import fits
-from astropy.wcs import WCS
 
 from dmstream.payloads.diasource import njy_per_electron
 from dmstream.payloads.image import CcdImage
@@ -157,9 +154,3 @@ def make_cutouts(science: CcdImage, template: CcdImage, difference: CcdImage, x:
         x0, y0 = round(float(sx)) - size // 2, round(float(sy)) - size // 2
         out.append(Cutouts(*(writer.stamp(x0, y0, size) for writer in writers)))
     return out
-
-
-def stamp_wcs(cutout: bytes) -> WCS:
-    """The WCS of a cutout's primary HDU (for readers and tests)."""
-    with fits.open(io.BytesIO(cutout)) as hdus:
-        return WCS(hdus[0].header)

@@ -92,32 +92,6 @@ def _source_pixels(source_wcs: WCS, target_wcs: WCS, x: np.ndarray, y: np.ndarra
     return source_wcs.world_to_pixel_values(*target_wcs.pixel_to_world_values(x, y))
 
 
-def pixel_mapping(source_wcs: WCS, target_wcs: WCS, target_shape: tuple[int, int],
-                  spacing: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Source pixel coordinates of every target pixel.
-
-    Parameters
-    ----------
-    source_wcs, target_wcs : astropy.wcs.WCS
-    target_shape : tuple of int
-        (rows, cols) of the target grid.
-    spacing : int
-        Node spacing of the coarse grid, pixels.
-
-    Returns
-    -------
-    x, y : numpy.ndarray
-        float32 arrays of ``target_shape``: the source column and row (0-based) of each target pixel.
-    """
-    rows, cols = target_shape
-    node_x, node_y = _nodes(cols, spacing), _nodes(rows, spacing)
-    src_x, src_y = _source_pixels(source_wcs, target_wcs, *np.meshgrid(node_x, node_y))
-    along_y = _spline_matrix(node_y, np.arange(rows, dtype=float))
-    along_x = _spline_matrix(node_x, np.arange(cols, dtype=float))
-    return ((along_y @ src_x @ along_x.T).astype(np.float32),
-            (along_y @ src_y @ along_x.T).astype(np.float32))
-
-
 def local_jacobian(source_wcs: WCS, target_wcs: WCS, x: float, y: float, step: float = 1.0
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Source position of target pixel (x, y), and d(source pixel)/d(target pixel) there.

@@ -6,7 +6,6 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -18,16 +17,6 @@ from dmstream.topics import NEXT_VISIT
 from dmstream.workers import WorkerProcess, get_json
 
 pytestmark = pytest.mark.integration
-
-
-def _wait_for_visits(worker: WorkerProcess, wanted: set[str], timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        _, body = get_json(f"{worker.url}/visits/")
-        found = {row["groupId"]: row for row in body["visits"] if row["groupId"] in wanted}
-        if len(found) == len(wanted) or time.monotonic() > deadline:
-            return found
-        time.sleep(0.3)
 
 
 def test_announced_visits_reach_the_table_and_survive_a_restart(stack: Stack, announcements) -> None:
@@ -44,7 +33,7 @@ def test_announced_visits_reach_the_table_and_survive_a_restart(stack: Stack, an
                 await announce(producer, visits)
 
         asyncio.run(send())
-        found = _wait_for_visits(worker, {v.groupId for v in visits})
+        found = worker.wait_for_visits({v.groupId for v in visits})
         assert set(found) == {v.groupId for v in visits}
         for visit in visits:
             assert found[visit.groupId]["position"] == visit.position
@@ -62,7 +51,7 @@ def test_announced_visits_reach_the_table_and_survive_a_restart(stack: Stack, an
         worker.stop()
         worker.start()
         worker.wait_healthy()
-        recovered = _wait_for_visits(worker, {v.groupId for v in visits}, timeout=30)
+        recovered = worker.wait_for_visits({v.groupId for v in visits}, timeout=30)
         assert set(recovered) == {v.groupId for v in visits}
     finally:
         worker.stop()
