@@ -83,18 +83,23 @@ def encode(schema: ShippedSchema, record: dict[str, Any]) -> bytes:
     return out.getvalue()
 
 
+def schema_id(message: bytes) -> int:
+    """The schema id a Confluent wire-format message carries."""
+    if len(message) < _HEADER.size:
+        raise SchemaError(f"message of {len(message)} bytes is shorter than the wire-format header")
+    magic, found = _HEADER.unpack_from(message)
+    if magic != MAGIC_BYTE:
+        raise SchemaError(f"message does not start with the wire-format magic byte (got {magic})")
+    return found
+
+
 def decode(message: bytes, reader: ShippedSchema | None = None) -> dict[str, Any]:
     """Read a Confluent wire-format message with the writer schema its id names.
 
     With ``reader`` given, the record is resolved to that schema (Avro schema
     evolution), so old messages read as the current version.
     """
-    if len(message) < _HEADER.size:
-        raise SchemaError(f"message of {len(message)} bytes is shorter than the wire-format header")
-    magic, schema_id = _HEADER.unpack_from(message)
-    if magic != MAGIC_BYTE:
-        raise SchemaError(f"message does not start with the wire-format magic byte (got {magic})")
-    writer = by_id(schema_id)
+    writer = by_id(schema_id(message))
     try:
         return fastavro.schemaless_reader(
             io.BytesIO(message[_HEADER.size:]), writer.parsed,

@@ -9,7 +9,6 @@ because topics interleave in arrival order, not in send order.
 from __future__ import annotations
 
 import asyncio
-import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,11 +107,10 @@ async def record(out: Path, bootstrap: str, specs: tuple[TopicSpec, ...] | None 
                         lines.append(_Line(value["private_sndStamp"], len(lines), "readout",
                                            {"path": path, "key": key}))
                     else:
-                        schema_id = struct.unpack(">I", message.value[1:5])[0]
                         sent = float(value.get("private_sndStamp", message.timestamp / 1000.0))
                         lines.append(_Line(sent, len(lines), "message",
                                            {"topic": message.topic, "key": key, "value": value,
-                                            "schema_id": schema_id}))
+                                            "schema_id": schemas.schema_id(message.value)}))
                         stats.messages += 1
             if duration is not None and now - started >= duration:
                 break
