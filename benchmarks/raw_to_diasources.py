@@ -36,8 +36,8 @@ REPEATS = 3
 
 
 def _with_band(exposure: CcdImage) -> CcdImage:
-    """ISR knows pixels only; the exposure's band and time come from its header."""
-    return replace(exposure, band="r", exptime=30.0)
+    """ISR knows pixels and times only; the exposure's band comes from its header."""
+    return replace(exposure, band="r")
 
 
 def main() -> None:
