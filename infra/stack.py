@@ -35,7 +35,7 @@ class Stack:
         return [service.up() for service in self.services]
 
     def down(self) -> list[str]:
-        """Stop every service (Kafka first, so it can still reach nothing it needs)."""
+        """Stop every service, in the reverse order of starting them."""
         return [s.name for s in reversed(self.services) if s.down()]
 
     def status(self) -> list[Health]:
