@@ -9,18 +9,21 @@ the template through ISR and calibration.  Timed, on the science raw: ISR,
 calibrate, warping the template onto the science grid, ZOGY subtraction,
 DiaSource detection and measurement, and cutouts of every DiaSource; each in
 seconds and in units of one 4096x4096 ``scipy.fft.rfft2``, with the total
-and the peak memory.  Issue 5 asks for a total of at most 80 units.
+and the peak resident memory while the science CCD is processed (the
+untimed set-up's memory is returned first; what stays resident, such as the
+template and the calibrations, counts, as it would in a worker).  Issue 5 asks for a total of at most 80
+units and 3 GB.
 """
 
 from __future__ import annotations
 
-import resource
+import gc
 import statistics
 from dataclasses import replace
 
 import numpy as np
 
-from dmstream.benchmarks.timing import rfft2_unit, times
+from dmstream.benchmarks.timing import peak_memory_mib, reset_peak_memory, rfft2_unit, times
 from dmstream.payloads import cutouts, diasource, subtract, warp
 from dmstream.payloads.calibrate import Calibrate
 from dmstream.payloads.calibration import MasterBias
@@ -56,21 +59,34 @@ def main() -> None:
     # The header's WCS: the boresight TAN the camera writes, which calibrate refines.
     approx_wcs = detector_wcs(detector, *BORESIGHT, 0.0)
 
-    def raw(seeing: float, mjd: float) -> list[np.ndarray]:
+    raws = []
+    for seeing, mjd in ((0.7, MJD - 20), (1.0, MJD)):
         observation = Observation(band="r", mjd_start=mjd, fwhm_geom=seeing,
                                   ra=BORESIGHT[0], dec=BORESIGHT[1])
         signal, _ = render_exposure(sky, observation, approx_wcs, detector.shape, rng)
-        return simulate_raw(signal, 30.0, 30.0, electronics, rng)
+        raws.append(simulate_raw(signal, 30.0, 30.0, electronics, rng))
+        del signal
 
     isr, calibrate = Isr(), Calibrate()
-    template_raw, science_raw = raw(0.7, MJD - 20), raw(1.0, MJD)
+    template_raw, science_raw = raws
     template = calibrate.run(_with_band(isr.run(template_raw, detector, calibs, 30.0, 30.0).exposure),
                              approx_wcs, refcat, MJD - 20).image
+    del raws, template_raw, biases, sky
+    gc.collect()
 
     results: dict[str, object] = {}
+    peaks: list[float] = []
 
     def step(name: str, action) -> float:
-        return statistics.median(times(lambda: results.__setitem__(name, action()), REPEATS))
+        def run_once() -> None:
+            # The previous repeat's result goes first, so the peak is that of one run.
+            results.pop(name, None)
+            results[name] = action()
+
+        reset_peak_memory()
+        seconds = statistics.median(times(run_once, REPEATS))
+        peaks.append(peak_memory_mib())
+        return seconds
 
     figures = {"ISR": step("isr", lambda: isr.run(science_raw, detector, calibs, 30.0, 30.0))}
     post_isr = _with_band(results["isr"].exposure)  # type: ignore[attr-defined]
@@ -92,8 +108,8 @@ def main() -> None:
     quality = results["calibrate"].quality  # type: ignore[attr-defined]
     print(f"DiaSources: {table.num_rows}; PSF FWHM {quality.psf_fwhm:.2f}\", "
           f"astrometric scatter {quality.astrometric_scatter:.1f} mas")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"peak memory (RSS): {peak:.0f} MiB")
+    print(f"peak memory (RSS) while processing the CCD: {max(peaks):.0f} MiB (issue 5 asks <= 3072); "
+          "per step: " + ", ".join(f"{name} {peak:.0f}" for name, peak in zip(figures, peaks, strict=True)))
 
 
 if __name__ == "__main__":
