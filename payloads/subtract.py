@@ -78,8 +78,9 @@ class SubtractResult:
     Attributes
     ----------
     difference : CcdImage
-        Science minus PSF-matched template, science electrons; its PSF is the
-        difference PSF P_D; mask: both inputs' masks, grown by the filter
+        Science minus PSF-matched template, science electrons; its PSF a
+        :class:`DifferencePsf` (P_D at patch centres, following the science
+        PSF elsewhere); mask: both inputs' masks, grown by the filter
         half-width, plus EDGE within that distance of the border.
     score : numpy.ndarray
         float32, PSF-flux estimate centred on every pixel, electrons.
@@ -105,29 +106,39 @@ class SubtractResult:
         return np.nan_to_num(snr, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-class PatchPsf:
-    """A PSF constant within each rectangular patch of the image, given as centred odd stamps.
+class DifferencePsf:
+    """PSF of the difference image for a source present in the science image only.
 
-    Implements ``PsfModel`` for the difference image, whose PSF P_D is known
-    per patch.
+    ZOGY's filters are built from the two PSFs at a patch's centre, so a
+    point source elsewhere in the patch, which keeps the science PSF of its
+    own position, appears in the difference as F_N ⊗ P_N(x, y): the patch's
+    science filter applied to the local science PSF.  That equals P_D only at
+    the centre; measuring with P_D where the PSF is 2 % wider than at the
+    centre would bias PSF fluxes by about 2 %.  The product is formed in
+    Fourier space: the filter's kernel is not compact where both PSF spectra
+    vanish, so no cropped real-space stamp of it can stand in.  Implements
+    ``PsfModel``.
 
     Parameters
     ----------
+    science_psf : PsfModel
+        PSF of the science exposure.
     row_edges, col_edges : sequence of int
         Patch boundaries, pixels (first 0, last the image size).
-    stamps : numpy.ndarray
-        (patch rows, patch cols, size, size), each stamp summing to 1.
+    filter_spectra : numpy.ndarray
+        (patch rows, patch cols, *grid spectrum shape*) rfft2 of each patch's
+        science filter on a periodic grid of ``grid_shape``.
+    grid_shape : tuple of int
+        The grid, wide enough to hold the difference PSF without wrapping.
+    stamp_size : int
+        Side of the science PSF stamps the filters were made with.
     """
 
-    def __init__(self, row_edges: list[int], col_edges: list[int], stamps: np.ndarray) -> None:
+    def __init__(self, science_psf: PsfModel, row_edges: list[int], col_edges: list[int],
+                 filter_spectra: np.ndarray, grid_shape: tuple[int, int], stamp_size: int) -> None:
+        self.science_psf = science_psf
         self.row_edges, self.col_edges = np.asarray(row_edges), np.asarray(col_edges)
-        self.stamps = stamps / stamps.sum(axis=(2, 3), keepdims=True)
-        half = stamps.shape[-1] // 2
-        offsets = np.arange(-half, half + 1)
-        radius2 = offsets[:, None] ** 2 + offsets[None, :] ** 2
-        # FWHM from the second moment of the core (within 2/3 of the stamp radius), as for a Gaussian.
-        core = self.stamps * (radius2 <= (half / 1.5) ** 2)
-        self._fwhm = 2.3548 * np.sqrt((core * radius2).sum(axis=(2, 3)) / core.sum(axis=(2, 3)) / 2)
+        self.filter_spectra, self.grid_shape, self.size = filter_spectra, grid_shape, stamp_size
 
     def _patch(self, x: float, y: float) -> tuple[int, int]:
         row = int(np.clip(np.searchsorted(self.row_edges, y, side="right") - 1, 0, len(self.row_edges) - 2))
@@ -135,21 +146,23 @@ class PatchPsf:
         return row, col
 
     def kernel(self, x: float, y: float, size: int) -> np.ndarray:
-        stamp = self.stamps[self._patch(x, y)]
-        half, want = stamp.shape[0] // 2, size // 2
-        out = np.zeros((size, size))
-        reach = min(half, want)
-        out[want - reach:want + reach + 1, want - reach:want + reach + 1] = \
-            stamp[half - reach:half + reach + 1, half - reach:half + reach + 1]
-        return out / out.sum()
-
-    @property
-    def size(self) -> int:
-        """Side of the stamps held, pixels."""
-        return self.stamps.shape[-1]
+        spectrum = _kernel_spectrum(_stamp(self.science_psf, x, y, self.size), self.grid_shape, 1)
+        spectrum *= self.filter_spectra[self._patch(x, y)]
+        reach = min(size // 2, (self.grid_shape[0] - 1) // 2)
+        core = _centred(scipy.fft.irfft2(spectrum, self.grid_shape), reach)
+        stamp = np.zeros((size, size))
+        offset = size // 2 - reach
+        stamp[offset:offset + 2 * reach + 1, offset:offset + 2 * reach + 1] = core
+        return stamp / stamp.sum()
 
     def fwhm(self, x: float, y: float) -> float:
-        return float(self._fwhm[self._patch(x, y)])
+        stamp = self.kernel(x, y, self.size)
+        half = self.size // 2
+        offsets = np.arange(-half, half + 1)
+        radius2 = offsets[:, None] ** 2 + offsets[None, :] ** 2
+        # From the second moment of the core (within 2/3 of the stamp radius), as for a Gaussian.
+        core = stamp * (radius2 <= (half / 1.5) ** 2)
+        return float(2.3548 * np.sqrt((core * radius2).sum() / core.sum() / 2))
 
 
 def zero_point_scale(from_zero_point: float | None, to_zero_point: float | None) -> float:
@@ -196,6 +209,11 @@ def _filters(science_psf: np.ndarray, template_psf: np.ndarray, science_noise: f
     return psf_n, filter_n, filter_r
 
 
+def _filter_grid(stamp_size: int) -> tuple[int, int]:
+    """Periodic grid for the filters of ``stamp_size`` stamps: wide enough that tails stay off cores."""
+    return (scipy.fft.next_fast_len(4 * (stamp_size // 2) + 1, real=True),) * 2
+
+
 def _centred(kernel: np.ndarray, half: int) -> np.ndarray:
     """The centred (2 half + 1)² stamp of a periodic kernel whose centre is pixel (0, 0)."""
     return np.roll(kernel, (half, half), axis=(0, 1))[:2 * half + 1, :2 * half + 1]
@@ -231,8 +249,9 @@ def zogy(science: np.ndarray, template: np.ndarray, science_variance: np.ndarray
     -------
     difference, difference_variance, score, score_variance : numpy.ndarray
         float32, the shape of ``science``.
-    difference_psf : numpy.ndarray
-        Centred stamp of P_D, the size of the input stamps, summing to 1.
+    science_filter : numpy.ndarray
+        rfft2 of F_N, the filter applied to the science image, on a periodic
+        grid of twice the stamps' size (``_filter_grid(stamp size)``).
     """
     rows, cols = science.shape
     half = science_psf.shape[0] // 2
@@ -265,7 +284,7 @@ def zogy(science: np.ndarray, template: np.ndarray, science_variance: np.ndarray
     # wide enough that their tails do not wrap onto their cores, then squared and brought back to
     # the image's grid.  Their spectra there are sampled finely enough to need no more.
     reach = 2 * half
-    small_shape = (scipy.fft.next_fast_len(2 * reach + 1, real=True),) * 2
+    small_shape = _filter_grid(science_psf.shape[0])
     small_psf_n, small_filter_n, small_filter_r = _filters(science_psf, template_psf, science_noise,
                                                            template_noise, small_shape, workers)
     small_psf_n *= small_filter_n
@@ -281,15 +300,13 @@ def zogy(science: np.ndarray, template: np.ndarray, science_variance: np.ndarray
     variance_spectrum *= _kernel_spectrum(psf_d**2, fft_shape, workers)
     score_variance = inverse(variance_spectrum)
 
-    psf_d_stamp = psf_d[reach - half:reach + half + 1, reach - half:reach + half + 1].astype(float)
-    psf_d_stamp /= psf_d_stamp.sum()
     norm = np.float32((psf_d**2).sum())
     # Squared-kernel FFT convolutions can leave round-off negatives where the variance is tiny.
     np.maximum(difference_variance, 0.0, out=difference_variance)
     np.maximum(score_variance, 0.0, out=score_variance)
     score /= norm
     score_variance /= norm**2
-    return difference, difference_variance, score, score_variance, psf_d_stamp
+    return difference, difference_variance, score, score_variance, small_filter_n
 
 
 def _patch_edges(length: int, size: int) -> list[int]:
@@ -343,7 +360,9 @@ def run(science: CcdImage, template: CcdImage, config: SubtractConfig | None = N
     # Patches overlap by two kernel widths so that each core sees all the pixels its filters reach.
     margin = 2 * size
     row_edges, col_edges = _patch_edges(rows, config.patch_size), _patch_edges(cols, config.patch_size)
-    difference_psfs = np.zeros((len(row_edges) - 1, len(col_edges) - 1, size, size))
+    grid = _filter_grid(size)
+    science_filters = np.zeros((len(row_edges) - 1, len(col_edges) - 1, grid[0], grid[1] // 2 + 1),
+                               np.complex64)
     for i, (y0, y1) in enumerate(itertools.pairwise(row_edges)):
         for j, (x0, x1) in enumerate(itertools.pairwise(col_edges)):
             oy0, oy1, ox0, ox1 = max(0, y0 - margin), min(rows, y1 + margin), max(0, x0 - margin), min(
@@ -357,7 +376,7 @@ def run(science: CcdImage, template: CcdImage, config: SubtractConfig | None = N
             for out, part in zip((difference, difference_variance, score, score_variance), parts[:4],
                                  strict=True):
                 out[y0:y1, x0:x1] = part[core]
-            difference_psfs[i, j] = parts[4]
+            science_filters[i, j] = parts[4]
 
     mask = grow_bits((science.mask | template.mask) & PROPAGATED_PLANES, half) | science.mask
     edge = np.ones((rows, cols), dtype=bool)
@@ -369,7 +388,7 @@ def run(science: CcdImage, template: CcdImage, config: SubtractConfig | None = N
     score[masked] = 0.0
     difference_variance[masked] = np.nan
     score_variance[masked] = np.nan
-    psf = PatchPsf(row_edges, col_edges, difference_psfs)
+    psf = DifferencePsf(science.psf, row_edges, col_edges, science_filters, grid, size)
     result_image = replace(science, image=difference, variance=difference_variance, mask=mask, psf=psf)
     scaled_template = replace(template, image=template.image * factor, variance=template_variance,
                               zero_point=science.zero_point)
