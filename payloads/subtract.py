@@ -337,17 +337,18 @@ def run(science: CcdImage, template: CcdImage, config: SubtractConfig | None = N
         raise ValueError(f"science {science.shape} and template {template.shape} differ in shape")
     rows, cols = science.shape
     factor = np.float32(zero_point_scale(template.zero_point, science.zero_point))
-    no_data = ((science.mask | template.mask) & MaskPlane.NO_DATA) != 0
-    good = ~no_data
-    science_image = np.where(good, science.image, 0).astype(np.float32)
-    template_image = np.where(good, template.image * factor, 0).astype(np.float32)
+    either_mask = science.mask | template.mask
+    good = (either_mask & MaskPlane.NO_DATA) == 0
+    zero = np.float32(0)
+    science_image = np.where(good, science.image, zero)
+    template_image = np.where(good, template.image, zero)
+    template_image *= factor
     template_variance = template.variance * factor**2
     sigma_n = _valid_median(science.variance, good)
     sigma_r = _valid_median(template_variance, good)
     # Unknown variances (NO_DATA) take the typical value: those pixels are zero and flagged anyway.
-    science_var = np.where(good & np.isfinite(science.variance), science.variance, sigma_n).astype(np.float32)
-    template_var = np.where(good & np.isfinite(template_variance), template_variance,
-                            sigma_r).astype(np.float32)
+    science_var = np.where(good & np.isfinite(science.variance), science.variance, np.float32(sigma_n))
+    template_var = np.where(good & np.isfinite(template_variance), template_variance, np.float32(sigma_r))
 
     centre_x, centre_y = (cols - 1) / 2, (rows - 1) / 2
     fwhm = max(science.psf.fwhm(centre_x, centre_y), template.psf.fwhm(centre_x, centre_y))
@@ -378,7 +379,7 @@ def run(science: CcdImage, template: CcdImage, config: SubtractConfig | None = N
                 out[y0:y1, x0:x1] = part[core]
             science_filters[i, j] = parts[4]
 
-    mask = grow_bits((science.mask | template.mask) & PROPAGATED_PLANES, half) | science.mask
+    mask = grow_bits(either_mask & PROPAGATED_PLANES, half) | science.mask
     edge = np.ones((rows, cols), dtype=bool)
     edge[half:-half, half:-half] = False
     mask[edge] |= MaskPlane.EDGE
