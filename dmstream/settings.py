@@ -70,6 +70,23 @@ class Settings:
     def web_url(self) -> str:
         return f"http://{self.host}:{self.web_port}"
 
+    @property
+    def registry_url(self) -> str:
+        """SQLAlchemy URL of the Data Backbone's dataset registry (SQLite here, PostgreSQL where it grows)."""
+        return os.environ.get(ENV_PREFIX + "REGISTRY_URL",
+                              f"sqlite:///{self.data_dir / 'backbone' / 'registry.sqlite3'}")
+
+    @property
+    def backbone_root(self) -> Path:
+        """Root of the Data Backbone's files; shared by every process that shares the registry."""
+        default = self.data_dir / "backbone" / "files"
+        return Path(os.environ.get(ENV_PREFIX + "BACKBONE_ROOT", default)).resolve()
+
+    @property
+    def apdb_url(self) -> str:
+        """SQLAlchemy URL of the APDB, the Level 1 database of DiaObjects, DiaSources and DiaForcedSources."""
+        return os.environ.get(ENV_PREFIX + "APDB_URL", f"sqlite:///{self.data_dir / 'apdb.sqlite3'}")
+
     def as_env(self) -> dict[str, str]:
         """The environment variables that reproduce these settings in a child process."""
         env = {}
