@@ -53,6 +53,9 @@ class Settings:
     log_level: str = field(default_factory=lambda: _env("LOG_LEVEL", "INFO"))
     efd_database: str = field(default_factory=lambda: _env("EFD_DATABASE", "efd"))
     qc_database: str = field(default_factory=lambda: _env("QC_DATABASE", "lsst_prompt"))
+    #: Seconds from the end of a detector's readout after which Prompt Processing gives it up
+    #: to Offline Processing (alerts are due within 60 s).
+    detector_budget: float = field(default_factory=lambda: float(_env("DETECTOR_BUDGET", "60")))
 
     @property
     def kafka_bootstrap(self) -> str:

@@ -99,7 +99,52 @@ CAMERA_READOUT = TopicSpec(
     config={"retention.ms": str(6 * 3600 * 1000), "retention.bytes": str(4 * 1024**3)},
 )
 
-ALL_TOPICS: tuple[TopicSpec, ...] = (NEXT_VISIT, HEALTH, *CAMERA_EVENTS, *TELEMETRY, CAMERA_READOUT)
+# Prompt Processing.  Its per-detector topics share the readout's partition count and its
+# detector-name keys: Faust assigns partition p of every topic with the same count to the
+# same worker (co-partitioning), so a detector's steps run in one process and hand their
+# pixels over in memory, with the Data Backbone behind them after a rebalance.
+DETECTOR_PARTITIONS = CAMERA_READOUT.partitions
+_HOURS = 3600 * 1000
+
+
+def _detector_step(name: str, subject: str, description: str) -> TopicSpec:
+    return TopicSpec(name=name, partitions=DETECTOR_PARTITIONS, subject=subject, description=description,
+                     config={"retention.ms": str(48 * _HOURS)})
+
+
+RAWS = _detector_step("dmstream.archive.raws", "dmstream.archive.RawArchived",
+                      "The archiver's notice that a raw is in the Data Backbone, keyed by detector name.")
+POST_ISR = _detector_step("dmstream.prompt.postIsr", "dmstream.prompt.DetectorProduct",
+                          "A snap of a detector is through ISR, keyed by detector name.")
+VISIT_IMAGES = _detector_step("dmstream.prompt.visitImage", "dmstream.prompt.DetectorProduct",
+                              "A detector's snaps are combined into its visit image, keyed by detector name.")
+CALEXPS = _detector_step("dmstream.prompt.calexp", "dmstream.prompt.DetectorProduct",
+                         "A detector's visit image is calibrated, keyed by detector name.")
+DIFFERENCES = _detector_step("dmstream.prompt.difference", "dmstream.prompt.DetectorProduct",
+                             "A detector's template is subtracted, keyed by detector name.")
+DEFERRED = _detector_step("dmstream.prompt.deferred", "dmstream.prompt.DetectorProduct",
+                          "Detector-visits given up over budget, for Offline Processing to redo.")
+PROMPT_STEPS: tuple[TopicSpec, ...] = (RAWS, POST_ISR, VISIT_IMAGES, CALEXPS, DIFFERENCES, DEFERRED)
+
+#: DiaSources are regrouped by sky pixel for association, whose state is keyed by sky pixel.
+DIA_SOURCES = TopicSpec(
+    name="dmstream.prompt.diaSources",
+    partitions=16,
+    subject="dmstream.prompt.DiaSourceBatch",
+    description="DiaSources and their cutouts of one detector-visit and one sky pixel, keyed by the pixel.",
+    config={"retention.ms": str(48 * _HOURS)},
+)
+
+DEAD_LETTERS = TopicSpec(
+    name="dmstream.deadLetters",
+    partitions=1,
+    subject="dmstream.DeadLetter",
+    description="Messages a step could not process, with the reason; kept a month for replay.",
+    config={"retention.ms": str(30 * 24 * _HOURS)},
+)
+
+ALL_TOPICS: tuple[TopicSpec, ...] = (NEXT_VISIT, HEALTH, *CAMERA_EVENTS, *TELEMETRY, CAMERA_READOUT,
+                                     *PROMPT_STEPS, DIA_SOURCES, DEAD_LETTERS)
 
 
 def by_name(name: str) -> TopicSpec:

@@ -48,9 +48,9 @@ def test_round_trip(announcements) -> None:
     ("message", "complaint"),
     [
         (b"\x00\x00", "shorter than"),
-        (b"\x01\x00\x00\x00\x64abc", "magic byte"),
+        (b"\x01\x00\x00\x27\x74abc", "magic byte"),
         (b"\x00\x00\x00\x99\x99abc", "no shipped schema has id"),
-        (b"\x00\x00\x00\x00\x64\x02", "does not decode"),
+        (b"\x00\x00\x00\x27\x74\x02", "does not decode"),
     ],
 )
 def test_malformed_messages_get_a_clear_error(message: bytes, complaint: str) -> None:
