@@ -83,6 +83,10 @@ class Backbone:
         """Every registered dataset type."""
         return self.registry.dataset_types()
 
+    def counts(self) -> dict[str, int]:
+        """Number of datasets of each registered type."""
+        return self.registry.counts()
+
     def put(self, obj: Any, dataset_type: str, *, provenance: str = "", **data_id: Any) -> DatasetRef:
         """Store ``obj`` as the dataset of this type and data id.
 

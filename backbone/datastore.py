@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import os
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,9 @@ class Datastore:
             if actual != checksum:
                 raise CorruptDatasetError(f"{path} is corrupt: sha256 {actual}, registered {checksum}")
         try:
-            return formatter.read(path)
-        except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+            with warnings.catch_warnings():
+                # astropy only warns about a file shorter than its headers say.
+                warnings.filterwarnings("error", message=".*truncated")
+                return formatter.read(path)
+        except (OSError, ValueError, KeyError, TypeError, IndexError, Warning) as exc:
             raise CorruptDatasetError(f"{path} cannot be read as {formatter.storage}: {exc}") from exc

@@ -207,3 +207,84 @@ def night_record(out: Path, from_beginning: bool, idle: float, duration: float |
     click.echo(f"recorded {stats.messages} messages and {stats.readouts} detector readouts "
                f"({len(stats.detectors)} detectors) into {out}; {stats.rejected} rejected, "
                f"{stats.incomplete_readouts} incomplete readouts")
+
+
+@main.group()
+def backbone() -> None:
+    """The Data Backbone: datasets in the registry (DMSTREAM_REGISTRY_URL) and their files."""
+
+
+@backbone.command("types")
+def backbone_types() -> None:
+    """The registered dataset types: how many datasets, storage class, data id."""
+    from dmstream.backbone import Backbone
+
+    store = Backbone.from_settings(_settings())
+    counts = store.counts()
+    for kind in store.types():
+        click.echo(f"{kind.name:<16} {counts[kind.name]:>7}  {kind.storage:<10} {kind.describe_data_id()}")
+
+
+@backbone.command("query")
+@click.argument("dataset_type")
+@click.option("--where", "-w", "conditions", multiple=True, metavar="KEY=VALUE",
+              help="Keep datasets whose data id has this value (repeatable), e.g. -w detector=94.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per dataset.")
+def backbone_query(dataset_type: str, conditions: tuple[str, ...], as_json: bool) -> None:
+    """The datasets of DATASET_TYPE matching a partial data id, sorted by data id."""
+    import json
+
+    from dmstream.backbone import Backbone, BackboneError
+
+    where = {}
+    for condition in conditions:
+        key, equals, value = condition.partition("=")
+        if not equals or not key.strip():
+            raise click.BadParameter(f"{condition!r} is not KEY=VALUE", param_hint="--where")
+        where[key.strip()] = value.strip()
+    try:
+        refs = Backbone.from_settings(_settings()).query(dataset_type, **where)
+    except BackboneError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for ref in refs:
+        if as_json:
+            click.echo(json.dumps(ref.to_json()))
+        else:
+            data_id = " ".join(f"{key}={value}" for key, value in ref.data_id.items())
+            click.echo(f"{data_id}  {ref.path}  {ref.size} B  sha256 {ref.checksum[:12]}")
+    if not as_json:
+        click.echo(f"{len(refs)} {dataset_type} dataset(s)")
+
+
+@main.group()
+def apdb() -> None:
+    """The APDB, the Level 1 database (DMSTREAM_APDB_URL)."""
+
+
+@apdb.command("query")
+@click.option("--ra", type=float, default=None, help="Centre of a cone, degrees.")
+@click.option("--dec", type=float, default=None, help="Centre of a cone, degrees.")
+@click.option("--radius", type=float, default=60.0, show_default=True, help="Radius of the cone, arcsec.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per DiaObject, every column.")
+def apdb_query(ra: float | None, dec: float | None, radius: float, as_json: bool) -> None:
+    """Rows in each APDB table; with --ra and --dec, the current DiaObjects of that cone."""
+    import json
+
+    from dmstream.backbone.apdb import Apdb
+
+    database = Apdb.from_settings(_settings())
+    if ra is None or dec is None:
+        if ra is not None or dec is not None:
+            raise click.UsageError("give both --ra and --dec, or neither")
+        for table, count in database.counts().items():
+            click.echo(f"{table:<16} {count:>10}")
+        return
+    objects = database.dia_objects_in_cone(ra, dec, radius / 3600.0)
+    for row in objects.to_pylist():
+        if as_json:
+            click.echo(json.dumps(row))
+        else:
+            click.echo(f"{row['diaObjectId']:>20}  ra {row['ra']:.6f}  dec {row['dec']:+.6f}  "
+                       f"{row['nDiaSources']} DiaSources")
+    if not as_json:
+        click.echo(f"{len(objects)} DiaObject(s) within {radius:g} arcsec of ({ra:g}, {dec:g})")
