@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from dmstream.app import app, topic
+from dmstream import channels
+from dmstream.app import app
 from dmstream.logs import get_logger
-from dmstream.models import NextVisit
 from dmstream.tables.visits import announced_visits
-from dmstream.topics import NEXT_VISIT
 
 log = get_logger(__name__)
 
-next_visit_topic = topic(NEXT_VISIT, NextVisit)
 
-
-@app.agent(next_visit_topic)
+@app.agent(channels.next_visit)
 async def record_next_visit(visits):
     """Record each announced visit in :data:`announced_visits` (keyed by groupId)."""
     async for visit in visits:

@@ -43,6 +43,31 @@ class NextVisit(faust.Record, include_metadata=False):
         return self.filters[:1]
 
 
+class AmplifierReadout(faust.Record, include_metadata=False):
+    """The pixels and headers of one amplifier of one detector of one exposure (docs/raw-format.md)."""
+
+    instrument: str
+    obsId: str
+    exposureId: int
+    dayObs: int
+    seqNum: int
+    groupId: str
+    imgType: str
+    detector: int
+    detectorName: str
+    ampIndex: int
+    ampName: str
+    ampCount: int
+    rows: int
+    cols: int
+    dtype: str
+    compression: str
+    pixels: bytes
+    primaryHeader: str
+    ampHeader: str
+    private_sndStamp: float
+
+
 class RawArchived(faust.Record, include_metadata=False):
     """The archiver's notice that a raw detector image is in the Data Backbone.
 

@@ -26,11 +26,11 @@ from typing import Any, TypeVar
 
 import faust
 
-from dmstream.app import SETTINGS, app, topic
+from dmstream import channels
+from dmstream.app import SETTINGS, app
 from dmstream.logs import get_logger
 from dmstream.models import DeadLetter, DetectorProduct
 from dmstream.streams.ocs import TAI_MINUS_UTC
-from dmstream.topics import DEAD_LETTERS, DEFERRED
 
 log = get_logger(__name__)
 
@@ -40,9 +40,6 @@ T = TypeVar("T")
 COUNTERS: Counter[str] = Counter()
 
 _PAYLOADS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="payload")
-
-dead_letter_topic = topic(DEAD_LETTERS, DeadLetter)
-deferred_topic = topic(DEFERRED, DetectorProduct)
 
 
 def tai_now() -> float:
@@ -58,10 +55,11 @@ async def compute(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 @dataclass
 class StepRun:
-    """One run of a step on one message: its name and the seconds spent so far."""
+    """One run of a step on one message: its name, the seconds spent so far, whether it failed."""
 
     name: str
     started: float = field(default_factory=time.perf_counter)
+    failed: bool = False
 
     @property
     def seconds(self) -> float:
@@ -75,7 +73,7 @@ async def send_dead_letter(name: str, event: faust.EventT, error: BaseException)
     log.error("step failed; message sent to the dead-letter topic", step=name, topic=message.topic,
               partition=message.partition, offset=message.offset, error=type(error).__name__,
               reason=str(error))
-    await dead_letter_topic.send(key=name, value=DeadLetter(
+    await channels.dead_letters.send(key=name, value=DeadLetter(
         step=name, topic=message.topic, partition=message.partition, offset=message.offset,
         reason=str(error) or repr(error), errorType=type(error).__name__, time=tai_now(),
         key=_as_bytes(message.key), value=_as_bytes(message.value)))
@@ -94,6 +92,7 @@ async def step(name: str, event: faust.EventT) -> AsyncIterator[StepRun]:
     try:
         yield run
     except Exception as error:
+        run.failed = True
         await send_dead_letter(name, event, error)
     else:
         COUNTERS[f"done.{name}"] += 1
@@ -108,7 +107,7 @@ async def over_budget(name: str, product: DetectorProduct) -> bool:
     log.warning("detector over its time budget; deferred to Offline Processing", step=name,
                 visit=product.visitId, detector=product.detectorName, seconds_since_readout=round(late, 1),
                 budget=SETTINGS.detector_budget)
-    await deferred_topic.send(key=product.detectorName, value=product.derive(datasetType=name))
+    await channels.deferred.send(key=product.detectorName, value=product.derive(datasetType=name))
     return True
 
 

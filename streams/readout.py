@@ -158,6 +158,10 @@ class ReadoutCollector:
             return readout
         return None
 
+    def discard(self, obs_id: str, detector_name: str) -> None:
+        """Forget a detector's amplifiers gathered so far (its readout cannot be completed)."""
+        self._pending.pop((obs_id, detector_name), None)
+
     @property
     def incomplete(self) -> list[DetectorReadout]:
         return list(self._pending.values())
