@@ -233,6 +233,28 @@ def test_conflicting_put_is_refused_and_the_first_content_kept(backbone: Backbon
     assert leftovers == []
 
 
+def miss_next_look_up(registry: object) -> None:
+    """Make the registry's next ``find`` see nothing, as if another process inserted the row just after."""
+    real_find = registry.find
+
+    def find(*args: object) -> None:
+        registry.find = real_find
+        return None
+
+    registry.find = find
+
+
+def test_a_put_that_loses_the_race_to_the_same_data_id_gets_the_winners_ref(backbone: Backbone) -> None:
+    calibration_id = {"instrument": "LSSTCam", "day_obs": 20261125, "detector": 94}
+    winner = backbone.put(np.ones(SHAPE), "dark", **calibration_id)
+    miss_next_look_up(backbone.registry)
+    assert backbone.put(np.ones(SHAPE), "dark", **calibration_id) == winner
+    miss_next_look_up(backbone.registry)
+    with pytest.raises(DatasetConflictError):
+        backbone.put(np.zeros(SHAPE), "dark", **calibration_id)
+    np.testing.assert_array_equal(backbone.get("dark", verify=True, **calibration_id), 1.0)
+
+
 def test_corrupt_and_missing_files_are_detected(backbone: Backbone) -> None:
     calibration_id = {"instrument": "LSSTCam", "day_obs": 20261125, "detector": 94}
     backbone.put(np.arange(600, dtype=np.float64).reshape(20, 30), "bias", **calibration_id)
