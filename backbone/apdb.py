@@ -33,6 +33,7 @@ from astropy.time import Time
 
 from dmstream.backbone.sql import create_engine, insert_ignoring_duplicates
 from dmstream.payloads.conditions import angular_separation
+from dmstream.settings import Settings, load
 
 #: Tables of the APDB schema that this APDB creates and stores.
 TABLES = ("DiaObject", "DiaSource", "DiaForcedSource", "SSObject")
@@ -135,9 +136,8 @@ class Apdb:
                             f"is {version}")
 
     @classmethod
-    def from_settings(cls, settings: Any = None) -> Apdb:
-        from dmstream.settings import load
-
+    def from_settings(cls, settings: Settings | None = None) -> Apdb:
+        """The APDB at ``DMSTREAM_APDB_URL`` (default: in the data dir)."""
         return cls((settings or load()).apdb_url)
 
     def close(self) -> None:
@@ -235,8 +235,8 @@ class Apdb:
                             table.c.validityEndMjdTai.is_(None),
                             table.c.validityStartMjdTai < sa.bindparam("start"))
                      .values(validityEndMjdTai=sa.bindparam("start")))
-        for object_id, start in zip(ids, starts, strict=True):
-            connection.execute(statement, {"object_id": object_id, "start": start})
+        connection.execute(statement, [{"object_id": object_id, "start": start}
+                                       for object_id, start in zip(ids, starts, strict=True)])
 
     def _select(self, table: str, query: sa.Select) -> pa.Table:
         schema = arrow_schema(table)
