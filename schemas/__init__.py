@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -28,7 +29,7 @@ class SchemaError(ValueError):
 
 @dataclass(frozen=True)
 class ShippedSchema:
-    """One version of one subject, as listed in ``index.json``."""
+    """One version of one subject: ours as listed in ``index.json``, or Rubin's alert schemas."""
 
     id: int
     subject: str
@@ -93,13 +94,16 @@ def schema_id(message: bytes) -> int:
     return found
 
 
-def decode(message: bytes, reader: ShippedSchema | None = None) -> dict[str, Any]:
+def decode(message: bytes, reader: ShippedSchema | None = None,
+           writers: Callable[[int], ShippedSchema] = by_id) -> dict[str, Any]:
     """Read a Confluent wire-format message with the writer schema its id names.
 
     With ``reader`` given, the record is resolved to that schema (Avro schema
-    evolution), so old messages read as the current version.
+    evolution), so old messages read as the current version.  ``writers``
+    finds the schema of an id (default: ours; Rubin's alert schemas use
+    :mod:`dmstream.schemas.alerts`) and raises :class:`SchemaError` for an unknown one.
     """
-    writer = by_id(schema_id(message))
+    writer = writers(schema_id(message))
     try:
         return fastavro.schemaless_reader(
             io.BytesIO(message[_HEADER.size:]), writer.parsed,
