@@ -5,37 +5,46 @@ detector of every exposure is rendered and read out through the electronics
 model into a raw file, while the summit's events and telemetry go to the event
 log with a readout line at each detector's end of readout.  Detector-exposures
 are independent and seeded by (seed, exposure, detector), so they run in
-parallel processes and the bytes do not depend on the number of jobs.
+parallel processes and the bytes do not depend on the number of jobs.  Each
+detector's curated calibrations (what the camera team measured in the lab: here
+the electronics' truth) go to ``calib/curated/``.
 """
 
 from __future__ import annotations
 
 import heapq
+import json
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from astropy.io import fits
 
 from dmstream.logs import get_logger
 from dmstream.payloads.camera import detector_wcs, get_detector
-from dmstream.streams.camera import DetectorElectronics, simulate_raw
+from dmstream.payloads.isr import IsrConfig
+from dmstream.streams.camera import DetectorElectronics, simulate_raw, truth_calibrations
 from dmstream.streams.efd import EfdConfig, summit_events
-from dmstream.streams.night import EventLogWriter, Manifest, raw_path
+from dmstream.streams.night import MANIFEST, EventLogWriter, Manifest, raw_path
 from dmstream.streams.observatory import Exposure, NightConfig, NightPlan, plan_night
-from dmstream.streams.rawfits import write_raw
+from dmstream.streams.rawfits import INSTRUMENT, write_raw
 from dmstream.streams.sky import Sky, SkyConfig, render_exposure
 
 log = get_logger(__name__)
 
 #: Mean level of a dome flat, e⁻ per pixel (about a third of full well).
 FLAT_LEVEL_E = 30000.0
+#: Where a night keeps its detectors' curated calibrations, and the format of their files.
+CURATED_DIR = "calib/curated"
+CURATED_FORMAT = "dmstream-curated-calibration"
+CURATED_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -129,6 +138,76 @@ def _header_values(exposure: Exposure) -> dict[str, Any]:
     }
 
 
+def defect_boxes(defects: np.ndarray) -> np.ndarray:
+    """A defect map as boxes one column wide: the runs of defective pixels down each column.
+
+    Parameters
+    ----------
+    defects : numpy.ndarray
+        Boolean map of the assembled detector, True = defective.
+
+    Returns
+    -------
+    numpy.ndarray
+        Structured array (``x0``, ``y0``, ``width``, ``height``), int32, 0-based pixels, sorted by x then y.
+    """
+    boxes = []
+    for x in np.flatnonzero(defects.any(axis=0)):
+        edges = np.flatnonzero(np.diff(np.concatenate(([0], defects[:, x].astype(np.int8), [0]))))
+        boxes.extend((x, start, 1, stop - start) for start, stop in zip(edges[::2], edges[1::2], strict=True))
+    return np.array(boxes, dtype=[("x0", np.int32), ("y0", np.int32), ("width", np.int32),
+                                  ("height", np.int32)])
+
+
+def write_curated_calibrations(night: Path, detector_name: str, seed: int, day_obs: int) -> dict[str, str]:
+    """Write one detector's curated calibrations into a night (format in ``docs/recorded-night.md``).
+
+    They are what the camera team measured in the lab, which for a simulated
+    camera is the truth of its electronics: gains, read noise, saturation,
+    linearity, crosstalk and defects (dead columns and hot pixels).  The
+    electronics have no separate suspect regime, so the suspect level is ISR's
+    default fraction of saturation.
+
+    Parameters
+    ----------
+    night : pathlib.Path
+    detector_name : str
+    seed : int
+        The night's seed, from which the detector's electronics are drawn.
+    day_obs : int
+        First observing day the calibrations are valid for.
+
+    Returns
+    -------
+    dict of str to str
+        ``constants`` and ``defects``: the paths of the two files, relative to the night.
+    """
+    electronics = _electronics(detector_name, seed)
+    detector = electronics.detector
+    truth = truth_calibrations(electronics)
+    suspect = IsrConfig().suspect_fraction * truth.saturation
+    paths = {"constants": f"{CURATED_DIR}/{detector.name}.json",
+             "defects": f"{CURATED_DIR}/{detector.name}_defects.fits"}
+    amplifiers = [{"name": amp.name, "gain": float(truth.gain[amp.index]),
+                   "read_noise": float(truth.read_noise[amp.index]),
+                   "saturation": float(truth.saturation[amp.index]), "suspect": float(suspect[amp.index]),
+                   "linearity": float(truth.linearity[amp.index])} for amp in detector.amplifiers]
+    constants = {"format": CURATED_FORMAT, "version": CURATED_VERSION, "instrument": INSTRUMENT,
+                 "detector": detector.name, "detector_id": detector.id, "valid_from": int(day_obs),
+                 "amplifiers": amplifiers, "crosstalk": truth.crosstalk.tolist()}
+    (night / CURATED_DIR).mkdir(parents=True, exist_ok=True)
+    (night / paths["constants"]).write_text(json.dumps(constants, indent=1, allow_nan=False) + "\n")
+    primary = fits.PrimaryHDU()
+    for keyword, value, comment in (
+            ("OBSTYPE", "defects", "curated calibration"), ("INSTRUME", INSTRUMENT, "instrument"),
+            ("DETNAME", detector.name, "raft and sensor"), ("DETECTOR", detector.id, "detector id"),
+            ("DETSIZE", detector.detsize, "assembled detector"), ("VALIDFRM", int(day_obs), "first day_obs")):
+        primary.header[keyword] = (value, comment)
+    table = fits.BinTableHDU(defect_boxes(truth.defects), name="DEFECTS")
+    fits.HDUList([primary, table]).writeto(night / paths["defects"], overwrite=True)
+    return paths
+
+
 def _write_events(out: Path, plan: NightPlan, tasks: list[_Task], config: SimulationConfig) -> int:
     """The event log: summit messages and readout lines merged in time order."""
     summit = ((e.time_tai, 0, e) for e in summit_events(plan, config.efd))
@@ -148,6 +227,14 @@ def _exposure_table(plan: NightPlan) -> pa.Table:
     return pa.Table.from_pylist(rows)
 
 
+def _add_to_manifest(out: Path, key: str, value: Any) -> None:
+    # Manifest has no field for the curated calibrations yet, and its reader keeps known keys only.
+    path = out / MANIFEST
+    manifest = json.loads(path.read_text())
+    manifest[key] = value
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
 def simulate_night(out: Path, config: SimulationConfig | None = None) -> SimulationSummary:
     """Write a complete recorded night to ``out`` (see ``docs/recorded-night.md``)."""
     config = config or SimulationConfig()
@@ -164,6 +251,9 @@ def simulate_night(out: Path, config: SimulationConfig | None = None) -> Simulat
     truths: list[pa.Table] = []
     with ProcessPoolExecutor(config.jobs, initializer=_init_worker,
                              initargs=(sky, config.night.seed, config.compress)) as pool:
+        curated = dict(zip(config.detectors, pool.map(
+            partial(write_curated_calibrations, out, seed=config.night.seed, day_obs=plan.day_obs),
+            config.detectors), strict=True))
         last_report = time.monotonic()
         for done, truth in enumerate(pool.map(_simulate_one, tasks), start=1):
             if truth is not None and len(truth):
@@ -193,6 +283,7 @@ def simulate_night(out: Path, config: SimulationConfig | None = None) -> Simulat
         description=f"simulated by dmstream: {len(plan.visits)} visits, {len(exposures)} exposures",
         simulation={"seed": config.night.seed, "visits": len(plan.visits), "compress": config.compress},
     ).write(out)
+    _add_to_manifest(out, "curated_calibrations", curated)
     summary = SimulationSummary(exposures=len(exposures), raw_files=len(tasks), events=events,
                                 seconds=time.monotonic() - started, sources_drawn=sum(len(t) for t in truths))
     log.info("night simulated", out=str(out), **asdict(summary))
