@@ -40,7 +40,8 @@ def scene() -> dict:
     midpoint = made.science.metadata["MJD-OBS"] + EXPOSURE_S / 2 / 86400
     return {"x": made.transient_x, "y": made.transient_y, "ra": ra, "dec": dec, "cutouts": stamps,
             "midpoint": midpoint, "flux_njy": made.transient_flux
-            * diasource.njy_per_electron(made.science.zero_point)}
+            * diasource.njy_per_electron(made.science.zero_point),
+            "images": (made.science, result.template, result.difference)}
 
 
 def dia_source_table(scene: dict, object_ids: list[int | None], **extra: list) -> pa.Table:
@@ -227,6 +228,41 @@ def test_history_keeps_the_window_before_the_source_and_the_caps(scene: dict, ap
     assert prv(alerts.AlertConfig(history_days=30)) == ([10, 1], [10, 1], 0)
     assert prv(alerts.AlertConfig(max_prv_dia_sources=2, max_prv_forced_sources=1)) == ([10, 1], [1], 1)
     assert prv(alerts.AlertConfig(max_prv_dia_sources=0)) == ([], [300, 10, 1], 1)
+
+
+def every_field_set(record: str, count: int, object_id: int, midpoints: np.ndarray) -> pa.Table:
+    """History rows with a value in every field of the alert schema's ``record``: the largest they encode."""
+    columns = {}
+    for field in alerts.record_fields(record):
+        if pa.types.is_string(field.type):
+            columns[field.name] = pa.array(["dmstream-heuristic-1"] * count)
+        elif pa.types.is_boolean(field.type):
+            columns[field.name] = pa.array([True] * count)
+        else:
+            columns[field.name] = pa.array(np.full(count, 2**40 if field.type == pa.int64() else 1e3),
+                                           field.type)
+    columns["diaObjectId"] = pa.array([object_id] * count, pa.int64())
+    columns["midpointMjdTai"] = pa.array(midpoints)
+    return pa.table(columns)
+
+
+def test_an_alert_at_the_history_caps_fits_a_default_kafka_message(scene: dict) -> None:
+    config = alerts.AlertConfig()
+    large = cutouts.make_cutouts(*scene["images"], scene["x"][:1], scene["y"][:1],
+                                 cutouts.CutoutConfig(min_size=102))
+    earlier = scene["midpoint"] - np.linspace(300.0, 1.0, 2000)
+    result = alerts.run(dia_source_table(scene, [7001]), dia_object_table([7001], [scene["ra"][0]],
+                                                                          [scene["dec"][0]], [2001]),
+                        every_field_set("diaSource", 2000, 7001, earlier),
+                        every_field_set("diaForcedSource", 2000, 7001, earlier), large, config=config,
+                        processed_mjd_tai=PROCESSED)
+    record = result.records[0]
+    assert len(record["prvDiaSources"]) == config.max_prv_dia_sources
+    assert len(record["prvDiaForcedSources"]) == config.max_prv_forced_sources
+    assert record["prvDiaSources"][-1]["midpointMjdTai"] == pytest.approx(scene["midpoint"] - 1.0)
+    assert result.capped == 1
+    # Kafka's default largest message (broker message.max.bytes, producer max.request.size).
+    assert len(encode_alert(record)) < 1_048_576
 
 
 def test_ssource_angles_come_from_the_observed_position(scene: dict) -> None:
