@@ -288,3 +288,50 @@ def apdb_query(ra: float | None, dec: float | None, radius: float, as_json: bool
                        f"{row['nDiaSources']} DiaSources")
     if not as_json:
         click.echo(f"{len(objects)} DiaObject(s) within {radius:g} arcsec of ({ra:g}, {dec:g})")
+
+
+@main.group()
+def calibs() -> None:
+    """Calibration products in the Data Backbone: curated calibrations and the day's masters."""
+
+
+def _print_calibration_run(run, verb: str) -> None:
+    for product in run.products:
+        click.echo(f"  {product.describe()}")
+    click.echo(f"{verb} {len(run.new)} calibration product(s); {len(run.kept)} already in the backbone")
+
+
+@calibs.command("ingest-curated")
+@click.argument("night_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def calibs_ingest_curated(night_dir: Path) -> None:
+    """Put the curated calibrations (gains, read noise, linearity, crosstalk, defects) of NIGHT_DIR into
+    the Data Backbone; again is a no-op."""
+    from dmstream.backbone import Backbone, BackboneError
+    from dmstream.batch.calibrations import ingest_curated
+    from dmstream.streams.night import NightFormatError
+
+    try:
+        run = ingest_curated(night_dir, Backbone.from_settings(_settings()))
+    except (NightFormatError, BackboneError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    _print_calibration_run(run, "ingested")
+
+
+@calibs.command("build")
+@click.option("--day-obs", type=int, required=True, help="Observing day YYYYMMDD of the exposures.")
+@click.option("--detector", "detectors", multiple=True, metavar="NAME",
+              help="Detector name or id (repeatable; default: every detector with raws that day).")
+def calibs_build(day_obs: int, detectors: tuple[str, ...]) -> None:
+    """Build the master bias, dark and flats of DAY_OBS from its BIAS, DARK and FLAT raws in the backbone;
+    products already there are kept."""
+    from dmstream.backbone import Backbone, BackboneError
+    from dmstream.batch.calibrations import MissingCalibrationError, build_masters
+
+    keys = [int(key) if key.isdigit() else key for key in detectors]
+    try:
+        run = build_masters(Backbone.from_settings(_settings()), day_obs, keys or None)
+    except KeyError as exc:
+        raise click.BadParameter(exc.args[0], param_hint="--detector") from exc
+    except (MissingCalibrationError, BackboneError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    _print_calibration_run(run, "built")
