@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from astropy.io import fits
 
-from dmstream.backbone import Backbone, DatasetNotFoundError, DatasetRef
+from dmstream.backbone import Backbone, DatasetNotFoundError, DatasetRef, UnknownDatasetTypeError
 from dmstream.logs import get_logger
 from dmstream.payloads.calibration import MasterBias, MasterDark, MasterFlat, RawFrame
 from dmstream.payloads.camera import AMPLIFIERS_PER_DETECTOR, DetectorGeometry, get_detector
@@ -300,7 +300,6 @@ def build_masters(backbone: Backbone, day_obs: int, detectors: Sequence[int | st
                 f"no raw exposures of day_obs {day_obs} for detector(s) "
                 f"{', '.join(get_detector(d).name for d in sorted(absent))} in the Data Backbone")
         present = [(name, detector) for name, detector in present if detector in wanted]
-    register_types(backbone)
     run = CalibrationRun()
     for instrument_name, detector_id in present:
         refs = [ref for ref in raws
@@ -417,7 +416,6 @@ def isr_calibrations(backbone: Backbone, instrument: str, day_obs: int, detector
         Naming every missing product.
     """
     geometry = get_detector(detector)
-    register_types(backbone)
     wanted: list[tuple[str, str, dict[str, Any]]] = [
         ("camera constants", CAMERA_CONSTANTS_TYPE, {}), ("crosstalk", "crosstalk", {}),
         ("defects", "defects", {})]
@@ -429,7 +427,7 @@ def isr_calibrations(backbone: Backbone, instrument: str, day_obs: int, detector
         try:
             ref = backbone.find_calibration(dataset_type, day_obs, instrument=instrument,
                                             detector=geometry.id, **extra)
-        except DatasetNotFoundError:
+        except (DatasetNotFoundError, UnknownDatasetTypeError):  # camera_constants: no ingest yet
             missing.append(label)
             continue
         found[dataset_type] = backbone.get(dataset_type, **ref.data_id)
