@@ -110,7 +110,9 @@ class AlertResult:
 
 
 @dataclass(frozen=True)
-class _Field:
+class AlertField:
+    """A field of a record of the alert schema: name, Arrow type of its Avro type, whether null is allowed."""
+
     name: str
     type: pa.DataType
     nullable: bool
@@ -128,7 +130,7 @@ def _named_records(node: Any, found: dict[str, list[dict[str, Any]]]) -> None:
 
 
 @cache
-def record_fields(record: str) -> tuple[_Field, ...]:
+def record_fields(record: str) -> tuple[AlertField, ...]:
     """Fields of a record of the newest alert schema (``alert``, ``diaSource``, ``diaObject``, ...)."""
     found: dict[str, list[dict[str, Any]]] = {}
     _named_records(alert_schema(), found)
@@ -138,7 +140,7 @@ def record_fields(record: str) -> tuple[_Field, ...]:
         nullable = isinstance(kind, list) and "null" in kind
         if isinstance(kind, list):
             kind = next(k for k in kind if k != "null")
-        fields.append(_Field(field["name"], _ARROW_TYPES.get(kind) if isinstance(kind, str) else None,
+        fields.append(AlertField(field["name"], _ARROW_TYPES.get(kind) if isinstance(kind, str) else None,
                              nullable))
     return tuple(fields)
 
@@ -187,6 +189,8 @@ def _optional_ids(table: pa.Table, name: str) -> pa.Array:
 
 def _row_of(keys: pa.Array, table: pa.Table, key: str, what: str) -> pa.Array:
     """Row of ``table`` whose ``key`` equals each of ``keys`` (null for a null key); keys must be unique."""
+    if key not in table.column_names:
+        raise AlertError(f"{what} lacks {key}")
     values = table.column(key).combine_chunks().cast(pa.int64())
     if len(pc.unique(values)) != len(values):
         raise AlertError(f"{what} holds a {key} more than once")
@@ -206,9 +210,10 @@ def sky_angles(ra: NDArray[np.float64], dec: NDArray[np.float64]) -> dict[str, N
 
 
 class _History:
-    """History rows of the objects of this batch, sorted by object then time, as alert records."""
+    """History rows of the objects of this batch in [since, until), sorted by object then time, as records."""
 
-    def __init__(self, table: pa.Table | None, record: str, object_ids: pa.Array) -> None:
+    def __init__(self, table: pa.Table | None, record: str, object_ids: pa.Array, since: float, until: float
+                 ) -> None:
         if table is None or not table.num_rows:
             self.objects = np.zeros(0, np.int64)
             self.times = np.zeros(0)
@@ -217,7 +222,9 @@ class _History:
         for required in ("diaObjectId", "midpointMjdTai"):
             if required not in table.column_names:
                 raise AlertError(f"{record} history lacks {required}")
-        table = table.filter(pc.is_in(table.column("diaObjectId"), value_set=pc.drop_null(object_ids)))
+        times = table.column("midpointMjdTai")
+        ours = pc.is_in(table.column("diaObjectId"), value_set=pc.drop_null(object_ids))
+        table = table.filter(pc.and_(ours, pc.and_(pc.greater_equal(times, since), pc.less(times, until))))
         table = table.take(pc.sort_indices(table, [("diaObjectId", "ascending"),
                                                    ("midpointMjdTai", "ascending")]))
         self.objects = _numbers(table, "diaObjectId", np.int64)
@@ -312,11 +319,12 @@ def run(dia_sources: pa.Table, dia_objects: pa.Table, history_sources: pa.Table 
     sources = _records(dia_sources, "diaSource", {"timeProcessedMjdTai": processed_mjd_tai})
     objects = _records(dia_objects, "diaObject")
     ss_records = iter(_records(ss_table, "ssSource"))
-    history = _History(history_sources, "diaSource", object_ids)
-    forced = _History(history_forced, "diaForcedSource", object_ids)
+    midpoints = _numbers(dia_sources, "midpointMjdTai", np.float64)
+    window = (float(midpoints.min()) - config.history_days, float(midpoints.max())) if n else (0.0, 0.0)
+    history = _History(history_sources, "diaSource", object_ids, *window)
+    forced = _History(history_forced, "diaForcedSource", object_ids, *window)
 
     records, capped = [], 0
-    midpoints = _numbers(dia_sources, "midpointMjdTai", np.float64)
     for i, (source, object_row, ss_object) in enumerate(zip(
             sources, object_rows.to_pylist(), ss_object_ids.to_pylist(), strict=True)):
         prv_sources = prv_forced = None
@@ -348,9 +356,8 @@ def _ss_sources(dia_sources: pa.Table, ss_sources: pa.Table | None) -> tuple[pa.
     if ss_sources is None:
         ss_sources = pa.table({"diaSourceId": pa.array([], pa.int64()),
                                "ssObjectId": pa.array([], pa.int64())})
-    for required in ("diaSourceId", "ssObjectId"):
-        if required not in ss_sources.column_names:
-            raise AlertError(f"ss_sources lacks {required}")
+    if "ssObjectId" not in ss_sources.column_names:
+        raise AlertError("ss_sources lacks ssObjectId")
     rows = _row_of(dia_source_ids, ss_sources, "diaSourceId", "ss_sources")
     aligned = ss_sources.take(rows)
     attributed = aligned.column("ssObjectId").combine_chunks().cast(pa.int64())
