@@ -135,6 +135,16 @@ DIA_SOURCES = TopicSpec(
     config={"retention.ms": str(48 * _HOURS)},
 )
 
+#: The alert stream brokers read: Rubin's alert schema (Confluent wire format under Rubin's schema id),
+#: keyed by alertId, retained a week.
+ALERTS = TopicSpec(
+    name="dmstream.alerts",
+    partitions=8,
+    subject="alert-packet",
+    description="Alerts in the latest lsst-alert-packet schema, one per DiaSource, keyed by alertId.",
+    config={"retention.ms": str(7 * 24 * _HOURS)},
+)
+
 DEAD_LETTERS = TopicSpec(
     name="dmstream.deadLetters",
     partitions=1,
@@ -144,7 +154,7 @@ DEAD_LETTERS = TopicSpec(
 )
 
 ALL_TOPICS: tuple[TopicSpec, ...] = (NEXT_VISIT, HEALTH, *CAMERA_EVENTS, *TELEMETRY, CAMERA_READOUT,
-                                     *PROMPT_STEPS, DIA_SOURCES, DEAD_LETTERS)
+                                     *PROMPT_STEPS, DIA_SOURCES, ALERTS, DEAD_LETTERS)
 
 
 def by_name(name: str) -> TopicSpec:
