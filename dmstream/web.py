@@ -13,6 +13,7 @@ from typing import Any
 from faust import web
 
 from dmstream.app import SETTINGS, app
+from dmstream.steps import COUNTERS
 from dmstream.tables.visits import announced_visits
 
 _STARTED = time.time()
@@ -40,7 +41,7 @@ async def health(self: web.View, request: web.Request) -> web.Response:
 
 @app.page("/metrics/")
 async def metrics(self: web.View, request: web.Request) -> web.Response:
-    """Message counts and rates from Faust's monitor, per topic and in total."""
+    """Message counts and rates from Faust's monitor; what each step did (done, dead letters, deferred)."""
     monitor = app.monitor
     body: dict[str, Any] = {
         "worker": SETTINGS.worker_id,
@@ -53,6 +54,7 @@ async def metrics(self: web.View, request: web.Request) -> web.Response:
         "events_per_s": monitor.events_s,
         "events_runtime_avg_s": monitor.events_runtime_avg,
         "tables": {name: dict(state.asdict()) for name, state in monitor.tables.items()},
+        "steps": dict(sorted(COUNTERS.items())),
     }
     return self.json(body)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.structs import ConsumerRecord
 
 from dmstream import schemas, topics
 from dmstream.infra.process import StackError, run_checked
@@ -169,5 +170,29 @@ async def round_trip(bootstrap: str, timeout: float = 30.0) -> float:
                 for message in batch.get(partition, []):
                     if schemas.decode(message.value)["token"] == token:
                         return time.monotonic() - started
+    finally:
+        await consumer.stop()
+
+
+async def read_topics(bootstrap: str, specs: Iterable[TopicSpec]) -> dict[str, list[ConsumerRecord]]:
+    """Every message on ``specs`` from the beginning to their current end, by topic (no consumer group).
+
+    What a consumer that knows only the topic names sees; committed and uncommitted alike.
+    """
+    specs = list(specs)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                fetch_max_bytes=MAX_MESSAGE_BYTES,
+                                max_partition_fetch_bytes=MAX_MESSAGE_BYTES)
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(spec.name, p) for spec in specs for p in range(spec.partitions)]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        seen: dict[str, list[ConsumerRecord]] = {spec.name: [] for spec in specs}
+        while [tp for tp in partitions if await consumer.position(tp) < ends[tp]]:
+            for tp, messages in (await consumer.getmany(timeout_ms=1000)).items():
+                seen[tp.topic].extend(m for m in messages if m.offset < ends[tp])
+        return seen
     finally:
         await consumer.stop()

@@ -12,6 +12,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from astropy.io import fits
 
 from dmstream import schemas, topics
+from dmstream.infra.kafka import read_topics
 from dmstream.infra.stack import Stack
 from dmstream.streams.readout import ReadoutCollector
 from dmstream.streams.record import record
@@ -102,26 +103,6 @@ def _hand_made_night(root: Path) -> Path:
     return root
 
 
-async def _read_everything(bootstrap: str, specs: list) -> dict[str, list]:
-    """What a consumer knowing only the topic names and the wire format sees."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                fetch_max_bytes=MAX_MESSAGE_BYTES,
-                                max_partition_fetch_bytes=MAX_MESSAGE_BYTES)
-    await consumer.start()
-    try:
-        partitions = [TopicPartition(s.name, p) for s in specs for p in range(s.partitions)]
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        ends = await consumer.end_offsets(partitions)
-        seen: dict[str, list] = {s.name: [] for s in specs}
-        while [tp for tp in partitions if await consumer.position(tp) < ends[tp]]:
-            for tp, messages in (await consumer.getmany(timeout_ms=1000)).items():
-                seen[tp.topic].extend(messages)
-        return seen
-    finally:
-        await consumer.stop()
-
-
 def test_a_hand_made_night_replays(stack: Stack, tmp_path: Path) -> None:
     night = _hand_made_night(tmp_path / "night")
     bootstrap = stack.settings.kafka_bootstrap
@@ -131,7 +112,7 @@ def test_a_hand_made_night_replays(stack: Stack, tmp_path: Path) -> None:
     assert sorted(Path(p).name for p, _ in stats.skipped_files) == \
         ["MC_O_20261125_000003_R22_S11.fits", "missing.fits"]
 
-    seen = asyncio.run(_read_everything(bootstrap, [topics.NEXT_VISIT, topics.CAMERA_READOUT]))
+    seen = asyncio.run(read_topics(bootstrap, [topics.NEXT_VISIT, topics.CAMERA_READOUT]))
     announcements = {m.key.decode(): m for m in seen[topics.NEXT_VISIT.name]}
     collector, complete = ReadoutCollector(), []
     for message in seen[topics.CAMERA_READOUT.name]:
