@@ -349,9 +349,91 @@ def _row_crossings(source_wcs: WCS, target_wcs: WCS, node_rows: np.ndarray, node
     return sy
 
 
+def grid_outline(shape: tuple[int, int], spacing: float) -> tuple[np.ndarray, np.ndarray]:
+    """Points (x, y) at most ``spacing`` pixels apart along the outer pixel edges of a grid of ``shape``."""
+    rows, cols = shape
+    along_x = np.r_[np.arange(-0.5, cols - 0.5, spacing), cols - 0.5]
+    along_y = np.r_[np.arange(-0.5, rows - 0.5, spacing), rows - 0.5]
+    x = np.r_[along_x, along_x, np.full(along_y.size, -0.5), np.full(along_y.size, cols - 0.5)]
+    y = np.r_[np.full(along_x.size, -0.5), np.full(along_x.size, rows - 0.5), along_y, along_y]
+    return x, y
+
+
+def overlap_box(source_wcs: WCS, source_shape: tuple[int, int], target_wcs: WCS,
+                target_shape: tuple[int, int], spacing: int = 64) -> tuple[slice, slice] | None:
+    """Bounding box of the target pixels that the source grid covers, or None when they do not meet.
+
+    The source's outline (pixel edges, sampled every ``spacing`` pixels) is
+    carried onto the target grid; over a CCD or a tile the mapping is close to
+    affine, so the outline's extremes are the footprint's.
+
+    Returns
+    -------
+    tuple of slice or None
+        (rows, cols) slices of the target grid, clipped to it.
+    """
+    tx, ty = target_wcs.world_to_pixel_values(*source_wcs.pixel_to_world_values(
+        *grid_outline(source_shape, spacing)))
+    return _clipped_box(tx, ty, target_shape, margin=1)
+
+
+def _clipped_box(x: np.ndarray, y: np.ndarray, shape: tuple[int, int], margin: int
+                 ) -> tuple[slice, slice] | None:
+    """Pixels of a grid of ``shape`` within ``margin`` of the bounding box of points (x, y), or None.
+
+    Points that the grid's projection cannot reach (NaN: more than 90° from
+    its tangent point) are left out.
+    """
+    rows, cols = shape
+    reached = np.isfinite(x) & np.isfinite(y)
+    if not reached.any():
+        return None
+    x, y = x[reached], y[reached]
+    x0, x1 = max(int(np.floor(x.min())) - margin, 0), min(int(np.ceil(x.max())) + margin + 1, cols)
+    y0, y1 = max(int(np.floor(y.min())) - margin, 0), min(int(np.ceil(y.max())) + margin + 1, rows)
+    return (slice(y0, y1), slice(x0, x1)) if x0 < x1 and y0 < y1 else None
+
+
+def _nodes_around(where: np.ndarray, node_rows: np.ndarray, node_cols: np.ndarray) -> np.ndarray:
+    """Which nodes of a grid are corners of a cell (between neighbouring nodes) with a pixel in ``where``."""
+    if min(where.shape) < 4:
+        # Such a grid's nodes run past its edge (see ``_nodes``): all of them are used.
+        return np.ones((node_rows.size, node_cols.size), bool)
+    row_starts, col_starts = node_rows[:-1].astype(np.intp), node_cols[:-1].astype(np.intp)
+    cells = np.logical_or.reduceat(np.logical_or.reduceat(where, row_starts, axis=0), col_starts, axis=1)
+    corners = np.zeros((node_rows.size, node_cols.size), bool)
+    for dy in (0, 1):
+        for dx in (0, 1):
+            corners[dy:dy + cells.shape[0], dx:dx + cells.shape[1]] |= cells
+    return corners
+
+
+def _block_spans(where: np.ndarray, block_rows: int) -> list[slice]:
+    """For each block of ``block_rows`` rows, the columns from its first to its last pixel in ``where``."""
+    wanted = np.logical_or.reduceat(where, np.arange(0, where.shape[0], block_rows), axis=0)
+    first = wanted.argmax(axis=1)
+    last = where.shape[1] - wanted[:, ::-1].argmax(axis=1)
+    return [slice(int(a), int(b)) if row.any() else slice(0, 0)
+            for a, b, row in zip(first, last, wanted, strict=True)]
+
+
+def _no_data(source: CcdImage, target_wcs: WCS, target_shape: tuple[int, int]) -> WarpResult:
+    """The warp of an image that does not reach the target grid."""
+    psf = WarpedPsf(source.psf, source.wcs, target_wcs) if source.psf is not None else None
+    empty = replace(source, image=np.zeros(target_shape, np.float32),
+                    variance=np.full(target_shape, np.nan, np.float32),
+                    mask=np.full(target_shape, MaskPlane.NO_DATA, MASK_DTYPE), wcs=target_wcs, psf=psf)
+    return WarpResult(empty, 0.0)
+
+
 def warp_image(source: CcdImage, target_wcs: WCS, target_shape: tuple[int, int],
-               config: WarpConfig | None = None) -> WarpResult:
+               config: WarpConfig | None = None, *, where: np.ndarray | None = None) -> WarpResult:
     """Resample ``source`` (image, variance, mask, PSF) onto the grid of ``target_wcs``.
+
+    Only the part of the source that the target grid maps onto is read, so
+    warping a large image (a coadd tile) onto a small grid costs what the
+    small grid needs.  To resample onto part of a grid, pass
+    ``target_wcs.slice((rows, cols))`` and the part's shape.
 
     Parameters
     ----------
@@ -361,6 +443,10 @@ def warp_image(source: CcdImage, target_wcs: WCS, target_shape: tuple[int, int],
     target_shape : tuple of int
         (rows, cols) of the target grid.
     config : WarpConfig, optional
+    where : numpy.ndarray, optional
+        Boolean, ``target_shape``: the target pixels wanted.  Resampling skips
+        the blocks of rows without any, and in the others the columns outside
+        the span of the wanted ones; the pixels skipped are NO_DATA.
 
     Returns
     -------
@@ -372,17 +458,33 @@ def warp_image(source: CcdImage, target_wcs: WCS, target_shape: tuple[int, int],
     config = config or WarpConfig()
     if source.wcs is None:
         raise ValueError("the source image has no WCS")
+    if where is not None and where.shape != tuple(target_shape):
+        raise ValueError(f"where {where.shape} does not match the target shape {tuple(target_shape)}")
     rows, cols = target_shape
-    rows_in, cols_in = source.shape
+    spacing = config.grid_spacing
+    node_rows, node_cols = _nodes(rows, spacing), _nodes(cols, spacing)
+    grid_cols, grid_rows = np.meshgrid(node_cols, node_rows)
+    source_x, source_y = _source_pixels(source.wcs, target_wcs, grid_cols, grid_rows)
+    if not np.isfinite(source_x).any():
+        return _no_data(source, target_wcs, target_shape)
+    if not np.isfinite(source_x).all():
+        raise ValueError("the target grid reaches beyond 90 deg from the source WCS's tangent point")
+    # The source is cut to the bounding box of the target's nodes (those around wanted pixels), with
+    # room for the taps and for the splines' departures from the nodes' hull (far below a pixel for a
+    # smooth mapping).
+    needed = np.ones(source_x.shape, bool) if where is None else _nodes_around(where, node_rows, node_cols)
+    box = _clipped_box(source_x[needed], source_y[needed], source.shape, margin=_TAPS + 2)
+    if box is None:
+        return _no_data(source, target_wcs, target_shape)
+    y0, x0 = box[0].start, box[1].start
+    rows_in, cols_in = box[0].stop - y0, box[1].stop - x0
     # Splines of the mapping minus the identity and a whole-pixel shift: small numbers that float32
     # carries to 1e-5 pixel; adding the pixel index back leaves positions good to 1/4000 pixel.
     # Pass 1 needs the source row where each target row crosses each source column, pass 2 the
-    # source column of each target pixel.
-    spacing = config.grid_spacing
-    node_rows, node_cols, node_in = _nodes(rows, spacing), _nodes(cols, spacing), _nodes(cols_in, spacing)
-    grid_cols, grid_rows = np.meshgrid(node_cols, node_rows)
-    map_x = _source_pixels(source.wcs, target_wcs, grid_cols, grid_rows)[0] - grid_cols
-    map_y = _row_crossings(source.wcs, target_wcs, node_rows, node_in) - node_rows[:, None]
+    # source column of each target pixel.  Source positions are counted from the box's corner.
+    node_in = _nodes(cols_in, spacing)
+    map_x = source_x - x0 - grid_cols
+    map_y = _row_crossings(source.wcs, target_wcs, node_rows, node_in + x0) - y0 - node_rows[:, None]
     shift_x, shift_y = int(np.rint(np.median(map_x))), int(np.rint(np.median(map_y)))
     along_y = _spline_matrix(node_rows, np.arange(rows, dtype=float)).astype(np.float32)
     spline_x = ((map_x - shift_x) @ _spline_matrix(node_cols, np.arange(cols, dtype=float)).T
@@ -390,17 +492,17 @@ def warp_image(source: CcdImage, target_wcs: WCS, target_shape: tuple[int, int],
     spline_y = ((map_y - shift_y) @ _spline_matrix(node_in, np.arange(cols_in, dtype=float)).T
                 ).astype(np.float32)
 
-    columns = _Lines(source.shape, axis=0)
+    columns = _Lines((rows_in, cols_in), axis=0)
     clean, columns_variance, columns_mask = columns.interior()
     # A NaN would spread through the taps, so non-finite (NO_DATA) pixels count as 0; they are
     # flagged in the output mask anyway.
-    np.copyto(clean, source.image)
+    np.copyto(clean, source.image[box])
     finite = np.isfinite(clean)
     if not finite.all():
         clean[~finite] = 0.0
-    np.copyto(columns_variance, source.variance)
-    np.bitwise_and(source.mask, MASK_DTYPE(SPREADING_PLANES), out=columns_mask)
-    np.bitwise_or(source.mask, grow_bits(columns_mask, 1), out=columns_mask)
+    np.copyto(columns_variance, source.variance[box])
+    np.bitwise_and(source.mask[box], MASK_DTYPE(SPREADING_PLANES), out=columns_mask)
+    np.bitwise_or(source.mask[box], grow_bits(columns_mask, 1), out=columns_mask)
     columns.fill_ends()
     image = np.empty(target_shape, dtype=np.float32)
     variance = np.empty(target_shape, dtype=np.float32)
@@ -408,23 +510,37 @@ def warp_image(source: CcdImage, target_wcs: WCS, target_shape: tuple[int, int],
     no_data_pixels = 0
     out_cols = np.arange(cols, dtype=np.float32) + shift_x
     in_cols = np.arange(cols_in)
-    for start in range(0, rows, config.block_rows):
+    spans = _block_spans(where, config.block_rows) if where is not None else None
+    for number, start in enumerate(range(0, rows, config.block_rows)):
         block = slice(start, start + config.block_rows)
         target_rows = np.arange(start, min(start + config.block_rows, rows), dtype=np.float32)[:, None]
-        out = image[block], variance[block], mask[block]
-        first_x, bins_x, outside_x = _split(along_y[block] @ spline_x + out_cols, cols_in)
+        span = slice(0, cols) if spans is None else spans[number]
+        # Columns outside the span are not resampled.
+        for outside in (slice(0, span.start), slice(span.stop, cols)):
+            if outside.stop > outside.start:
+                image[block, outside], variance[block, outside], mask[block, outside] = (
+                    0.0, np.nan, MaskPlane.NO_DATA)
+                no_data_pixels += image[block, outside].size
+        if span.stop == span.start:
+            continue
+        out = image[block, span], variance[block, span], mask[block, span]
+        first_x, bins_x, outside_x = _split(along_y[block] @ spline_x[:, span] + out_cols[span], cols_in)
         if outside_x.all():
             out[0][...], out[1][...], out[2][...] = 0.0, np.nan, MaskPlane.NO_DATA
             no_data_pixels += out[0].size
             continue
-        # Pass 1: every source column at its crossings with the block's target rows.
-        first_y, bins_y, outside_y = _split(along_y[block] @ spline_y + (target_rows + shift_y), rows_in)
+        # Pass 1 resamples only the source columns that pass 2's taps read: [first_x - _PAD, + _TAPS).
+        used = slice(max(int(first_x.min()) - _PAD, 0), min(int(first_x.max()) - _PAD + _TAPS, cols_in))
+        # Pass 1: those source columns at their crossings with the block's target rows.
+        first_y, bins_y, outside_y = _split(along_y[block] @ spline_y[:, used] + (target_rows + shift_y),
+                                            rows_in)
         first_y *= columns.stride  # flat index of the first tap
-        first_y += in_cols
-        lines = _Lines((target_rows.size, cols_in), axis=1)
+        first_y += in_cols[used]
+        lines = _Lines((target_rows.size, used.stop - used.start), axis=1)
         columns.interpolate(first_y, bins_y, outside_y, lines.interior())
         lines.fill_ends()
         # Pass 2: along those intermediate rows to the output pixels.
+        first_x -= used.start
         first_x += np.arange(target_rows.size)[:, None] * lines.image.shape[1]
         lines.interpolate(first_x, bins_x, outside_x, out)
         # NO_DATA pixels get image 0 and variance NaN here, while the block is in cache.
