@@ -13,6 +13,13 @@ extensions are copied byte for byte.  A raw it cannot recover is reported with
 the reason.  Running it again ingests nothing: what it recovered is in the
 backbone.
 
+The recovered raw differs from the camera's file by its added header cards,
+so the archiver, meeting the same image later (a restarted archiver reads the
+readout topic's backlog), finds another content under its data id
+(``DatasetConflictError``) and must take the raw as archived.  Run catch-up
+once the archiver has drained that backlog, so that it fetches only what
+Kafka no longer holds.
+
 ::
 
     logs = read_night_logs(Path("night"))          # or: await read_kafka_logs(bootstrap, day_obs)
@@ -34,7 +41,6 @@ from typing import Any
 
 import astropy.units as u
 import numpy as np
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from astropy.coordinates import AltAz, SkyCoord
 from astropy.io import fits
@@ -43,6 +49,7 @@ from numpy.typing import ArrayLike
 
 from dmstream import schemas, topics
 from dmstream.backbone import Backbone, DatasetConflictError
+from dmstream.infra.kafka import read_topics
 from dmstream.logs import get_logger
 from dmstream.payloads import conditions
 from dmstream.payloads.camera import DetectorGeometry, get_detector
@@ -362,8 +369,7 @@ def read_night_logs(night: str | os.PathLike[str]) -> SummitLogs:
     return builder.finish()
 
 
-async def read_kafka_logs(bootstrap: str, day_obs: int, instrument: str = INSTRUMENT,
-                          progress_interval: float = 5.0) -> SummitLogs:
+async def read_kafka_logs(bootstrap: str, day_obs: int, instrument: str = INSTRUMENT) -> SummitLogs:
     """The OCS log and the EFD of ``day_obs`` as Kafka still holds them.
 
     Reads the camera's ``endReadout`` and ``endOfImageTelemetry``, the
@@ -377,43 +383,22 @@ async def read_kafka_logs(bootstrap: str, day_obs: int, instrument: str = INSTRU
     CatchUpError
         If the broker cannot be reached.
     """
-    builder = _LogBuilder(instrument, day_obs)
     specs = (topics.END_READOUT, topics.END_OF_IMAGE_TELEMETRY, topics.NEXT_VISIT, *topics.TELEMETRY)
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    log.info("reading the OCS log from Kafka", bootstrap=bootstrap, day_obs=day_obs, topics=len(specs))
     try:
-        await consumer.start()
+        seen = await read_topics(bootstrap, specs)
     except KafkaError as exc:
-        await consumer.stop()
         raise CatchUpError(f"cannot read the OCS log from Kafka at {bootstrap}: {exc}") from exc
-    try:
-        partitions = [TopicPartition(spec.name, p) for spec in specs for p in range(spec.partitions)]
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        ends = await consumer.end_offsets(partitions)
-        pending = {tp for tp in partitions if ends[tp] > 0}
-        read, last_report = 0, time.monotonic()
-        while pending:
-            batches = await consumer.getmany(*pending, timeout_ms=1000, max_records=10_000)
-            for tp, messages in batches.items():
-                for message in messages:
-                    if message.offset >= ends[tp]:
-                        continue
-                    read += 1
-                    try:
-                        value = schemas.decode(message.value)
-                    except schemas.SchemaError as exc:
-                        builder.ocs.rejected += 1
-                        log.warning("undecodable log message", topic=tp.topic, offset=message.offset,
-                                    reason=str(exc))
-                        continue
-                    builder.add(tp.topic, value)
-            pending = {tp for tp in pending if await consumer.position(tp) < ends[tp]}
-            if time.monotonic() - last_report >= progress_interval:
-                last_report = time.monotonic()
-                log.info("reading the OCS log from Kafka", messages=read,
-                         exposures=len(builder.ocs.exposures), partitions_left=len(pending))
-    finally:
-        await consumer.stop()
+    builder = _LogBuilder(instrument, day_obs)
+    for topic, messages in seen.items():
+        for message in messages:
+            try:
+                value = schemas.decode(message.value)
+            except schemas.SchemaError as exc:
+                builder.ocs.rejected += 1
+                log.warning("undecodable log message", topic=topic, offset=message.offset, reason=str(exc))
+                continue
+            builder.add(topic, value)
     return builder.finish()
 
 
