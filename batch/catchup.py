@@ -52,7 +52,7 @@ from dmstream.backbone import Backbone, DatasetConflictError
 from dmstream.infra.kafka import read_topics
 from dmstream.logs import get_logger
 from dmstream.payloads import conditions
-from dmstream.payloads.camera import DetectorGeometry, get_detector
+from dmstream.payloads.camera import DetectorGeometry, focal_plane, get_detector
 from dmstream.streams.efd import COORDSYS_ICRS, ROTSYS_SKY, EfdConfig
 from dmstream.streams.night import MessageEvent, NightReader
 from dmstream.streams.observatory import (
@@ -80,6 +80,7 @@ RAW_NAME = re.compile(r"^(?P<obs_id>[A-Z]{2}_[A-Z]_\d{8}_\d{6})_(?P<detector>R\d
 #: The WCS cards of a raw's primary header, as :func:`~dmstream.streams.rawfits.primary_header` writes them.
 WCS_KEYWORDS = DERIVED_KEYWORDS[DERIVED_KEYWORDS.index("WCSAXES"):]
 _HISTORY_PREFIX = "dmstream catch-up:"
+_SCIENCE_DETECTORS = frozenset(detector.name for detector in focal_plane())
 
 
 class CatchUpError(ValueError):
@@ -650,7 +651,7 @@ def _index_buffers(buffers: Sequence[Path],
                     unidentified += 1
                     log.warning("buffer file not identified", path=str(path), reason=str(exc))
                     continue
-            if key[0] in wanted:
+            if key[0] in wanted and key[1] in _SCIENCE_DETECTORS:
                 index.setdefault(key, []).append(path)
     return index, unidentified
 
@@ -741,7 +742,10 @@ class _CatchUp:
         if not names:
             raise CatchUpError(f"no detector of day_obs {self.ocs.day_obs} is known: nothing in the backbone "
                                "or the buffers, and the OCS log does not list them; give the detectors")
-        return tuple(get_detector(name).name for name in names)
+        try:
+            return tuple(get_detector(name).name for name in names)
+        except KeyError as exc:
+            raise CatchUpError(f"cannot expect raws of {exc.args[0]}") from None
 
     def _metadata(self, exposures: dict[str, LoggedExposure],
                   found: dict[tuple[str, str], list[Path]]) -> dict[str, ExposureMetadata]:

@@ -322,6 +322,8 @@ def test_without_a_detector_list_the_nights_detectors_are_expected(tmp_path: Pat
     assert report.detectors == (DETECTOR,) and report.expected == 1 and len(report.recovered) == 1
     with pytest.raises(CatchUpError, match="not found"):
         catch_up(backbone, logs.ocs, [tmp_path / "nowhere"])
+    with pytest.raises(CatchUpError, match="R00_S00"):
+        catch_up(backbone, logs.ocs, [night / "raw"], detectors=["R00_S00"])
 
 
 def test_efd_values_are_interpolated_only_near_samples_and_angles_wrap() -> None:
