@@ -328,6 +328,17 @@ def _box_shape(box: tuple[slice, slice]) -> tuple[int, int]:
     return box[0].stop - box[0].start, box[1].stop - box[1].start
 
 
+def _block_runs(owned: np.ndarray, block: int, shape: tuple[int, int]) -> list[tuple[slice, slice]]:
+    """Pixel slices, clipped to ``shape``, of the runs of True blocks along each row of ``owned``."""
+    runs = []
+    for row, flags in enumerate(owned):
+        edges = np.flatnonzero(np.diff(np.r_[0, flags.astype(np.int8), 0]))
+        rows = slice(row * block, min((row + 1) * block, shape[0]))
+        runs.extend((rows, slice(start * block, min(stop * block, shape[1])))
+                    for start, stop in zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
+    return runs
+
+
 def _single(values: set[T], what: str) -> T:
     """The one value all tile coadds share."""
     if len(values) != 1:
@@ -396,9 +407,14 @@ def template_for(tile_coadds: Sequence[CoaddResult], science_wcs: WCS, science_s
         wanted = owned[block_rows[0]:block_rows[-1] + 1, block_cols[0]:block_cols[-1] + 1]
         wanted = np.repeat(np.repeat(wanted, block, axis=0), block, axis=1)[:shape[0], :shape[1]]
         part = warp_image(source.coadd, science_wcs.slice(box), shape, config.warp, where=wanted).image
-        np.copyto(image[box], part.image, where=wanted)
-        np.copyto(variance[box], part.variance, where=wanted)
-        np.copyto(mask[box], part.mask, where=wanted)
+        # Copied run by run of owned blocks: slices copy far faster than a masked copy of the box.
+        for run_rows, run_cols in _block_runs(owned[block_rows[0]:block_rows[-1] + 1,
+                                                    block_cols[0]:block_cols[-1] + 1], block, shape):
+            inside = (slice(box[0].start + run_rows.start, box[0].start + run_rows.stop),
+                      slice(box[1].start + run_cols.start, box[1].start + run_cols.stop))
+            image[inside] = part.image[run_rows, run_cols]
+            variance[inside] = part.variance[run_rows, run_cols]
+            mask[inside] = part.mask[run_rows, run_cols]
         psfs[tile_id] = WarpedPsf(source.coadd.psf, tile.wcs, science_wcs)
         owned_blocks[tile_id] = int(owned.sum())
         exptime = max(exptime, source.coadd.exptime)

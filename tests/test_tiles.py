@@ -175,6 +175,20 @@ def test_a_full_size_ccd_overlaps_few_tiles_and_each_of_its_pixels_is_in_one_of_
             assert tile.contains(ra, dec).any()
 
 
+def test_tiles_overlapping_are_exactly_the_tiles_whose_grid_holds_a_pixel_of_the_ccd(scene: Scene) -> None:
+    rows, cols = np.mgrid[0:SCIENCE_SHAPE[0], 0:SCIENCE_SHAPE[1]]
+    ra, dec = scene.science_wcs.pixel_to_world_values(cols, rows)
+    centre = SKYMAP.tile(SKYMAP.tile_ids_at(*scene.corner).item())
+    # Brute force over the neighbourhood: two rings and four tiles on either side of the corner's.
+    nearby = [int(SKYMAP.first_ids[ring]) + index for ring in range(centre.ring - 2, centre.ring + 3)
+              for index in range(centre.index - 4, centre.index + 5)]
+    expected = {tile_id for tile_id in nearby if SKYMAP.tile(tile_id).contains(ra, dec).any()}
+    listed = {tile.id for tile in SKYMAP.tiles_overlapping(scene.science_wcs, SCIENCE_SHAPE)}
+    assert listed == expected
+    # The four tiles meeting at the corner hold the CCD's pixels; the others reach it with their margins.
+    assert len(np.unique(SKYMAP.tile_ids_at(ra, dec))) == 4 < len(listed)
+
+
 def test_bad_tiles_and_skymaps_are_refused() -> None:
     with pytest.raises(SkyMapError, match="not in rings4000"):
         DEFAULT_SKYMAP.tile(DEFAULT_SKYMAP.tile_count)
