@@ -142,8 +142,10 @@ def _binned(values: np.ndarray, size: int) -> np.ndarray:
 
 def test_every_sky_position_lies_in_the_core_of_one_tile() -> None:
     rng = np.random.default_rng(1)
-    ra = np.r_[rng.uniform(0, 360, 20000), 0.0, 180.0, 359.9999, 12.0]
-    dec = np.r_[np.degrees(np.arcsin(rng.uniform(-1, 1, 20000))), 90.0, -90.0, 0.0, 89.95]
+    # Over the sphere, and around the poles, where the caps and the first rings' curved cells are.
+    ra = np.r_[rng.uniform(0, 360, 3200), 0.0, 180.0, 359.9999, 12.0]
+    dec = np.r_[np.degrees(np.arcsin(rng.uniform(-1, 1, 3000))), rng.uniform(89.3, 90, 100),
+                rng.uniform(-90, -89.3, 100), 90.0, -90.0, 0.0, 89.95]
     ids = DEFAULT_SKYMAP.tile_ids_at(ra, dec)
     margin = DEFAULT_SKYMAP.margin
     for tile_id in np.unique(ids):
