@@ -18,9 +18,11 @@ import faust
 
 from dmstream import channels
 from dmstream.app import app
+from dmstream.backbone import DatasetConflictError
 from dmstream.logs import get_logger
 from dmstream.models import RawArchived
 from dmstream.steps import compute, step, tai_now
+from dmstream.streams.observatory import exposure_id_of
 from dmstream.streams.readout import DetectorReadout, ReadoutCollector
 from dmstream.tables.preloaded import backbone
 
@@ -35,14 +37,21 @@ def archive_readout(readout: DetectorReadout) -> tuple[str, str]:
     with tempfile.TemporaryDirectory(dir=staging) as scratch:
         path = Path(scratch) / f"{readout.obs_id}_{readout.detector_name}.fits"
         readout.hdu_list().writeto(path)
-        ref = store.ingest_raw(path, provenance=f"archiver {readout.obs_id}")
+        try:
+            ref = store.ingest_raw(path, provenance=f"archiver {readout.obs_id}")
+        except DatasetConflictError:
+            # Catch-up Archiving got there first, from the camera's buffer with EFD keywords added.
+            header = readout.primary
+            ref = store.ref("raw", instrument=header["INSTRUME"], day_obs=int(header["DAYOBS"]),
+                            exposure=exposure_id_of(int(header["DAYOBS"]), int(header["SEQNUM"])),
+                            detector=int(header["DETECTOR"]))
     return ref.path, ref.checksum
 
 
 def notice(readout: DetectorReadout, path: str, checksum: str) -> RawArchived:
     """The raws-topic message announcing an archived detector, from its primary header."""
     header = readout.primary
-    exposure = int(header["DAYOBS"]) * 100_000 + int(header["SEQNUM"])
+    exposure = exposure_id_of(int(header["DAYOBS"]), int(header["SEQNUM"]))
     snap = int(header.get("SNAP", 0))
     return RawArchived(
         instrument=header["INSTRUME"], dayObs=int(header["DAYOBS"]), exposureId=exposure,

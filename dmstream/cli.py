@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 from pathlib import Path
@@ -232,7 +233,6 @@ def backbone_types() -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per dataset.")
 def backbone_query(dataset_type: str, conditions: tuple[str, ...], as_json: bool) -> None:
     """The datasets of DATASET_TYPE matching a partial data id, sorted by data id."""
-    import json
 
     from dmstream.backbone import Backbone, BackboneError
 
@@ -268,7 +268,6 @@ def apdb() -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per DiaObject, every column.")
 def apdb_query(ra: float | None, dec: float | None, radius: float, as_json: bool) -> None:
     """Rows in each APDB table; with --ra and --dec, the current DiaObjects of that cone."""
-    import json
 
     from dmstream.backbone.apdb import Apdb
 
@@ -335,3 +334,48 @@ def calibs_build(day_obs: int, detectors: tuple[str, ...]) -> None:
     except (MissingCalibrationError, BackboneError) as exc:
         raise click.ClickException(str(exc)) from exc
     _print_calibration_run(run, "built")
+
+
+@main.group()
+def archive() -> None:
+    """Archiving: raws in the Data Backbone."""
+
+
+@archive.command("catch-up")
+@click.option("--night", "night_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A recorded night: its event log is the OCS log and EFD, its raw/ the default buffer.")
+@click.option("--day-obs", type=int, help="Read the OCS log and EFD of this day from Kafka instead.")
+@click.option("--buffer", "buffers", multiple=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Directory where the camera left raw files (repeatable; searched in order).")
+@click.option("--detector", "detectors", multiple=True, metavar="NAME",
+              help="Expected detector (repeatable).")
+@click.option("--dry-run", is_flag=True, help="Find and check what is missing; ingest nothing.")
+@click.option("--json", "as_json", is_flag=True, help="The full report as JSON.")
+def archive_catch_up(night_dir: Path | None, day_obs: int | None, buffers: tuple[Path, ...],
+                     detectors: tuple[str, ...], dry_run: bool, as_json: bool) -> None:
+    """Ingest the raws the OCS log says were taken and the Data Backbone lacks, from the camera's buffers."""
+    from dmstream.backbone import Backbone, BackboneError
+    from dmstream.batch.catchup import CatchUpError, catch_up, read_kafka_logs, read_night_logs
+    from dmstream.streams.night import NightFormatError
+
+    if (night_dir is None) == (day_obs is None):
+        raise click.UsageError("give exactly one of --night and --day-obs")
+    config = _settings()
+    try:
+        logs = (read_night_logs(night_dir) if night_dir is not None
+                else asyncio.run(read_kafka_logs(config.kafka_bootstrap, day_obs)))
+        if not buffers and night_dir is not None:
+            buffers = (night_dir / "raw",)
+        if not buffers:
+            raise click.UsageError("with --day-obs, give at least one --buffer")
+        report = catch_up(Backbone.from_settings(config), logs.ocs, buffers, efd=logs.efd,
+                          detectors=detectors or None, dry_run=dry_run)
+    except (CatchUpError, NightFormatError, BackboneError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2, default=str))
+        return
+    for missing in report.still_missing:
+        click.echo(f"  still missing: {missing.obs_id} {missing.detector_name}: {missing.reason}")
+    click.echo(" ".join(f"{key}={value}" for key, value in report.summary().items()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -362,3 +363,20 @@ def test_catch_up_from_the_log_on_kafka(stack: Stack, backbone: Backbone, night:
             # Mount and rotator positions are Avro doubles; the weather and the DIMM travel as floats.
             exact = "MTMount" in source or "MTRotator" in source
             assert header[keyword] == pytest.approx(from_night[keyword], rel=0 if exact else 1e-6)
+
+
+def test_the_cli_recovers_what_the_archiver_missed(night: Path, raws: dict[str, Path], tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from dmstream.cli import main
+
+    monkeypatch.setenv("DMSTREAM_DATA_DIR", str(tmp_path))
+    store = Backbone.from_settings()
+    _archive(store, raws, list(raws)[:2])
+    result = CliRunner().invoke(main, ["archive", "catch-up", "--night", str(night)])
+    assert result.exit_code == 0, result.output
+    assert f"recovered={len(raws) - 2}" in result.output and "still_missing=0" in result.output
+    assert len(store.query("raw")) == len(raws)
+    again = CliRunner().invoke(main, ["archive", "catch-up", "--night", str(night), "--json"])
+    assert again.exit_code == 0 and json.loads(again.stdout)["recovered"] == []
