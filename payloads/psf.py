@@ -21,6 +21,8 @@ import numpy as np
 import scipy.ndimage
 from numpy.typing import ArrayLike, NDArray
 
+from dmstream.payloads.image import PsfModel
+
 #: Half-width of the Lanczos kernel used for sub-pixel shifts, pixels.
 LANCZOS_ORDER = 3
 #: Gaussian sigma to FWHM.
@@ -245,6 +247,25 @@ class PixelPsf:
     @property
     def stamp_size(self) -> int:
         return int(self.coefficients.shape[-1])
+
+    @classmethod
+    def approximating(cls, psf: PsfModel, detector_shape: tuple[int, int], stamp_size: int, degree: int = 2,
+                      nodes: int = 6) -> PixelPsf:
+        """A PixelPsf fitted to another PSF model sampled on a ``nodes`` x ``nodes`` grid of positions.
+
+        For models that only exist in memory (a coadd's weighted sum of warped
+        PSFs, say): the approximation is a plain array, stored and read back
+        exactly, that follows the original's variation to the given degree.
+        """
+        rows, cols = detector_shape
+        gx, gy = np.meshgrid(np.linspace(0, cols - 1, nodes), np.linspace(0, rows - 1, nodes))
+        x, y = gx.ravel(), gy.ravel()
+        stamps = np.stack([np.asarray(psf.kernel(xi, yi, stamp_size), float)
+                           for xi, yi in zip(x, y, strict=True)])
+        shell = cls(np.zeros((1, stamp_size, stamp_size)), degree, detector_shape)
+        terms = _poly_terms(*shell._scaled(x, y), degree)
+        coefficients, *_ = np.linalg.lstsq(terms, stamps.reshape(len(stamps), -1), rcond=None)
+        return cls(coefficients.reshape(-1, stamp_size, stamp_size), degree, detector_shape)
 
     def _scaled(self, x: ArrayLike, y: ArrayLike) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
         rows, cols = self.detector_shape
