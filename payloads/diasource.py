@@ -356,18 +356,20 @@ def njy_per_electron(zero_point: float | None) -> float:
 
 # --- detection ----------------------------------------------------------------------------------------------
 
-def detect(snr: np.ndarray, usable: np.ndarray, threshold: float, min_pixels: int, separation: float,
+def detect(snr: np.ndarray, mask: np.ndarray, threshold: float, min_pixels: int, separation: float,
            ridge_depth: float = 3.0) -> Detections:
     """Sources in connected regions beyond ±threshold.
 
-    Regions are 4-connected pixels of one sign.  Every local maximum (of
-    |snr|, over the 8 neighbours) inside a region is a peak.  Two peaks of one
-    region belong to one source when they are closer than ``separation``
-    pixels, or (up to 3 ``separation`` apart) when |snr| on the straight line
-    between them stays within ``ridge_depth`` of the lower peak; sources are
-    the connected groups of that relation.  So close neighbours (two
-    transients, a transient on a galaxy) are kept apart, while noise bumps on
-    a bright source or along a streak are not.  NaN in ``snr`` counts as 0.
+    Regions are 4-connected pixels of one sign, not NO_DATA in ``mask``.
+    Every local maximum (of |snr|, over the 8 neighbours) inside a region is
+    a peak.  Two peaks of one region belong to one source when they are
+    closer than ``separation`` pixels, or when |snr| on the straight line
+    between them stays within ``ridge_depth`` of the lower peak (all pairs
+    of a region with up to 64 peaks, pairs within 3 ``separation`` in larger
+    ones); sources are the connected groups of that relation.  So close
+    neighbours (two transients, a transient on a galaxy) are kept apart,
+    while noise bumps on a bright source or along a streak are not.  NaN in
+    ``snr`` counts as 0.
 
     Returns
     -------
@@ -375,7 +377,10 @@ def detect(snr: np.ndarray, usable: np.ndarray, threshold: float, min_pixels: in
     """
     rows, cols = snr.shape
     with np.errstate(invalid="ignore"):
-        py, px = np.nonzero((np.abs(snr) > threshold) & usable)
+        py, px = np.nonzero(np.abs(snr) > threshold)
+    # Only the few pixels above threshold need their mask looked at.
+    usable = (mask[py, px] & MaskPlane.NO_DATA) == 0
+    py, px = py[usable], px[usable]
     if not py.size:
         empty = np.zeros(0, dtype=np.intp)
         return Detections(empty, empty, empty, np.zeros(0), empty, np.zeros((0, 2, 2)))
@@ -573,19 +578,23 @@ def _crop(stamps: np.ndarray, half: int) -> np.ndarray:
 
 
 class PsfKernels:
-    """A PSF model's kernels on a grid of nodes ``spacing`` pixels apart, interpolated bilinearly.
+    """A PSF model's kernels where sources are, evaluated as few times as possible.
 
-    The PSF varies slowly over a CCD, so it is evaluated only at the nodes
-    around the sources asked for, once each.  The kernels are ``size`` wide
-    but sum to the fraction of the PSF's light they hold (the rest lies in
-    wings out to ``total_size``, measured once at the detector's centre), so
-    that fitted amplitudes are total fluxes.
+    The PSF varies slowly over a CCD, so with many sources it is evaluated
+    only at the nodes of a grid ``spacing`` pixels apart around them, once
+    each, and interpolated bilinearly; with fewer sources than nodes to
+    evaluate, at the sources themselves.  The kernels are ``size`` wide but
+    sum to the fraction of the PSF's light they hold (the rest lies in wings
+    out to ``total_size``, measured once at the detector's centre), so that
+    fitted amplitudes are total fluxes.  They are single precision, which
+    halves the cost of shifting them and is far below the noise.
     """
 
     def __init__(self, psf: PsfModel, size: int, spacing: float, shape: tuple[int, int],
                  total_size: int | None = None) -> None:
         self.psf, self.size, self.spacing = psf, size, spacing
         self._nodes: dict[tuple[int, int], np.ndarray] = {}
+        self._sources: dict[tuple[float, float], np.ndarray] = {}
         centre = (shape[1] - 1) / 2, (shape[0] - 1) / 2
         if total_size is None:
             total_size = 2 * int(np.ceil(_TOTAL_FLUX_FWHMS * psf.fwhm(*centre))) + 1
@@ -593,28 +602,36 @@ class PsfKernels:
         if total_size > size:
             self.fraction = float(_crop(np.asarray(psf.kernel(*centre, total_size), float), size // 2).sum())
 
+    def _kernel(self, x: float, y: float) -> np.ndarray:
+        return (self.fraction * np.asarray(self.psf.kernel(x, y, self.size), float)).astype(np.float32)
+
     def at(self, x: np.ndarray, y: np.ndarray, half: int) -> np.ndarray:
-        """(n, 2 half + 1, 2 half + 1) kernels (unit sum over ``size`` pixels) at (x, y), cropped."""
+        """(n, 2 half + 1, 2 half + 1) kernels at (x, y), cropped."""
         if x.size == 0:
             return np.zeros((0, 2 * half + 1, 2 * half + 1), np.float32)
         gx, gy = np.asarray(x, float) / self.spacing, np.asarray(y, float) / self.spacing
         ix, iy = np.floor(gx).astype(np.intp), np.floor(gy).astype(np.intp)
+        offsets = ((0, 0), (1, 0), (0, 1), (1, 1))
+        corner_keys = [list(zip((ix + ox).tolist(), (iy + oy).tolist(), strict=True)) for ox, oy in offsets]
+        new_nodes = set().union(*corner_keys) - self._nodes.keys()
+        positions = list(zip(np.asarray(x, float).tolist(), np.asarray(y, float).tolist(), strict=True))
+        new_sources = set(positions) - self._sources.keys()
+        if new_nodes and len(new_sources) < len(new_nodes):
+            for key in new_sources:
+                self._sources[key] = self._kernel(*key)
+            return _crop(np.stack([self._sources[key] for key in positions]), half)
+        for key in new_nodes:
+            self._nodes[key] = self._kernel(key[0] * self.spacing, key[1] * self.spacing)
         fx = (gx - ix).astype(np.float32)[:, None, None]
         fy = (gy - iy).astype(np.float32)[:, None, None]
-        corners = {}
-        for ox, oy in ((0, 0), (1, 0), (0, 1), (1, 1)):
-            keys = list(zip((ix + ox).tolist(), (iy + oy).tolist(), strict=True))
-            for key in set(keys) - self._nodes.keys():
-                # Single precision halves the cost of shifting them, far below the noise.
-                self._nodes[key] = (self.fraction * np.asarray(
-                    self.psf.kernel(key[0] * self.spacing, key[1] * self.spacing, self.size), float)
-                ).astype(np.float32)
+        corners = []
+        for keys in corner_keys:
             unique = sorted(set(keys))
             table = _crop(np.stack([self._nodes[key] for key in unique]), half)
             position = {key: k for k, key in enumerate(unique)}
-            corners[ox, oy] = table[[position[key] for key in keys]]
-        return ((1 - fy) * ((1 - fx) * corners[0, 0] + fx * corners[1, 0])
-                + fy * ((1 - fx) * corners[0, 1] + fx * corners[1, 1]))
+            corners.append(table[[position[key] for key in keys]])
+        return ((1 - fy) * ((1 - fx) * corners[0] + fx * corners[1])
+                + fy * ((1 - fx) * corners[2] + fx * corners[3]))
 
 
 def _linear_flux(data: np.ndarray, weight: np.ndarray, model: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -1246,11 +1263,10 @@ def run(subtraction: SubtractResult, science: CcdImage, config: DiaSourceConfig 
     if wcs is None or science.psf is None or diff.psf is None:
         raise ValueError("the science image needs a WCS and a PSF")
     rows, cols = diff.shape
-    usable = (diff.mask & MaskPlane.NO_DATA) == 0
     fwhm = diff.psf.fwhm((cols - 1) / 2, (rows - 1) / 2)
     with np.errstate(invalid="ignore", divide="ignore"):
         snr = subtraction.score / np.sqrt(subtraction.score_variance)
-    found = detect(snr, usable, config.threshold, config.min_pixels, config.deblend_separation * fwhm,
+    found = detect(snr, diff.mask, config.threshold, config.min_pixels, config.deblend_separation * fwhm,
                    config.ridge_depth)
     px, py, sign, peak_snr = found.x, found.y, found.sign, found.snr
     positive, negative = int((sign > 0).sum()), int((sign < 0).sum())
@@ -1353,10 +1369,10 @@ def run(subtraction: SubtractResult, science: CcdImage, config: DiaSourceConfig 
     template_flux, template_err = _forced(template, template_kernels, out_x, out_y, half)
 
     ap_mask = (diff.mask & UNFIT_PLANES) != 0
-    variance = np.nan_to_num(diff.variance, nan=0.0)
+    # sep leaves masked pixels out, so their unknown (NaN) variances do no harm.
     ap_flux, ap_err, ap_flag = sep.sum_circle(np.ascontiguousarray(diff.image, dtype=np.float32),
                                               out_x, out_y, config.aperture_radius,
-                                              var=np.ascontiguousarray(variance, dtype=np.float32),
+                                              var=np.ascontiguousarray(diff.variance, dtype=np.float32),
                                               mask=ap_mask)
     truncated = ((out_x < config.aperture_radius) | (out_y < config.aperture_radius)
                  | (out_x > cols - 1 - config.aperture_radius) | (out_y > rows - 1 - config.aperture_radius))
