@@ -163,8 +163,8 @@ class DiaSourceConfig:
         ``deblend_separation``; and its SNR is at least ``trail_min_snr``.
     trail_min_snr : float
     trail_max_length : float
-        Longest trail fitted, pixels; a longer streak is fitted on its
-        central part and flagged (``trail_flag``).
+        Longest trail fitted, pixels; a longer streak (a satellite, which
+        costs more to fit than the rest of the CCD) only gets ``trail_flag``.
     psf_grid : float
         Spacing of the nodes where the PSF models are evaluated, pixels; kernels
         in between are bilinear interpolations of the four nearest.
@@ -1400,11 +1400,13 @@ def run(subtraction: SubtractResult, science: CcdImage, config: DiaSourceConfig 
     with np.errstate(divide="ignore"):
         excess = config.trail_min_excess + config.trail_noise_excess / snr_abs
     elongated = shape_ok & (major > excess * psf_major)
-    trail_rows = np.flatnonzero((elongated | ridge) & (snr_abs >= config.trail_min_snr) & ~is_pair)
+    candidates = (elongated | ridge) & (snr_abs >= config.trail_min_snr) & ~is_pair
+    too_long = candidates & (span + fwhm > config.trail_max_length)
+    trail_rows = np.flatnonzero(candidates & ~too_long)
     trail = {name: np.full(count, np.nan) for name in ("flux", "flux_err", "ra", "ra_err", "dec", "dec_err",
                                                       "length", "length_err", "angle", "angle_err", "chi2")}
     trail_ndata = np.zeros(count, np.int32)
-    trail_failed = np.zeros(count, bool)
+    trail_failed = too_long.copy()
     trail_edge = np.zeros(count, bool)
     if trail_rows.size:
         ends = found.ends[index[trail_rows]]
