@@ -21,6 +21,7 @@ from __future__ import annotations
 import gc
 import statistics
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 
 import numpy as np
@@ -98,22 +99,27 @@ def main() -> None:
     tile_coadds: list[coadd.CoaddResult] = results["tiles"]  # type: ignore[assignment]
     area = sum(int(np.count_nonzero(result.depth)) for result in tile_coadds) / 1e6
     notes = {next(iter(figures)): f"{area:.0f} Mpx of tile with data"}
-    # The visit's pixels that reach the CCD, for comparison with the template's pixels with data.
-    for rotation, wcs in sciences.items():
-        name = f"one visit warped onto it, {rotation:g} deg"
-        figures[name] = step(name, partial(warp.warp_image, visits[0], wcs, SHAPE), REPEATS)
-        notes[name] = f"coverage {results.pop(name).coverage:.3f}"  # type: ignore[attr-defined]
+    # As raw_to_diasources does: a template visit at the science pointing (0.4 deg and a few pixels
+    # off), warped straight onto the CCD.  Only its WCS matters for the time.
+    direct = replace(visits[0], wcs=tan_wcs(SHAPE, *POINTING, 0.4, offset=(3.3, -2.6)))
     visits.clear()
+    coverages = {}
     for rotation, wcs in sciences.items():
-        name = f"template from tiles, {rotation:g} deg"
-        figures[name] = step(name, partial(coadd.template_for, tile_coadds, wcs, SHAPE), REPEATS)
-        made: coadd.TemplateResult = results.pop(name)  # type: ignore[assignment]
-        notes[name] = f"coverage {made.coverage:.3f}, {len(made.tile_ids)} tiles"
+        for name, action in ((f"one visit warped onto it, {rotation:g} deg", partial(
+                warp.warp_image, direct, wcs, SHAPE)), (f"template from tiles, {rotation:g} deg", partial(
+                coadd.template_for, tile_coadds, wcs, SHAPE))):
+            figures[name] = step(name, action, REPEATS)
+            coverages[name] = results.pop(name).coverage  # type: ignore[attr-defined]
+            notes[name] = f"coverage {coverages[name]:.3f}"
     for name, (seconds, peak) in figures.items():
         print(f"{name:<34} {seconds:7.3f} s  {seconds / unit:6.1f} rfft2  peak {peak:5.0f} MiB  "
               f"{notes.get(name, '')}")
     per_tile = figures[next(iter(figures))][0] / len(tiles)
     print(f"per tile built: {per_tile:.2f} s, {per_tile / unit:.1f} rfft2")
+    for rotation in sciences:
+        warped, made = f"one visit warped onto it, {rotation:g} deg", f"template from tiles, {rotation:g} deg"
+        ratio = (figures[made][0] / coverages[made]) / (figures[warped][0] / coverages[warped])
+        print(f"{rotation:g} deg: template / direct warp, per pixel with data: {ratio:.2f}")
 
 
 if __name__ == "__main__":
