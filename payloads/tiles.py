@@ -93,8 +93,8 @@ class SkyMap:
 
     @property
     def name(self) -> str:
-        """Name for data ids, e.g. ``rings4000``."""
-        return f"rings{self.tile_size}"
+        """Name for data ids: tile size and margin, e.g. ``rings4000-100``."""
+        return f"rings{self.tile_size}-{self.margin}"
 
     @cached_property
     def polar_ring(self) -> int:
@@ -196,10 +196,10 @@ class SkyMap:
         """Tiles whose grid (core and margin) overlaps a CCD, by id.
 
         These are the tiles a visit contributes to, and a superset of those a
-        template of the CCD is made of.  The owners of the CCD's blocks come
-        first; tiles whose margin alone reaches the CCD are found among the
-        owners of blocks up to √2 margins beyond its edges, and kept if the
-        CCD's outline (sampled every 4 pixels) enters their grid.
+        template of the CCD is made of: the owners of the CCD's blocks, and
+        the tiles whose margin alone reaches the CCD, found among the owners
+        of blocks up to √2 margins beyond its edges and kept if the CCD's
+        outline (sampled every 4 pixels) enters their grid.
 
         Parameters
         ----------

@@ -161,7 +161,7 @@ def test_every_sky_position_lies_in_the_core_of_one_tile() -> None:
     tile = DEFAULT_SKYMAP.tile(int(ids[0]))
     assert tile.wcs.proj_plane_pixel_scales()[0].to_value("arcsec") == pytest.approx(0.2)
     assert min(tile.shape) > 4100 and max(tile.shape) < 4400
-    assert tile.name.startswith("r") and tile.data_id == {"skymap": "rings4000", "tile": tile.id}
+    assert tile.name.startswith("r") and tile.data_id == {"skymap": "rings4000-100", "tile": tile.id}
 
 
 def test_a_full_size_ccd_overlaps_few_tiles_and_each_of_its_pixels_is_in_one_of_them() -> None:
@@ -192,7 +192,7 @@ def test_tiles_overlapping_are_exactly_the_tiles_whose_grid_holds_a_pixel_of_the
 
 
 def test_bad_tiles_and_skymaps_are_refused() -> None:
-    with pytest.raises(SkyMapError, match="not in rings4000"):
+    with pytest.raises(SkyMapError, match="not in rings4000-100"):
         DEFAULT_SKYMAP.tile(DEFAULT_SKYMAP.tile_count)
     with pytest.raises(SkyMapError, match="margin"):
         SkyMap(margin=8)
