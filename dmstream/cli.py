@@ -147,11 +147,21 @@ def night() -> None:
 @click.option("--flats", default=2, show_default=True, help="Dome flats per band.")
 @click.option("--jobs", default=os.cpu_count() or 1, show_default=True, help="Parallel processes.")
 @click.option("--compress/--no-compress", default=True, show_default=True, help="RICE_1 raw files.")
+@click.option("--reference", "reference_out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write the night's reference night (its fields days earlier, in good seeing, for "
+                   "templates) into this directory.")
+@click.option("--reference-visits", default=3, show_default=True,
+              help="Reference visits of each field in each band of the night.")
+@click.option("--reference-days-before", default=21, show_default=True,
+              help="Days between the reference night and the night.")
+@click.option("--reference-seeing", default=0.6, show_default=True,
+              help="Median DIMM seeing of the reference night, arcsec.")
 def night_simulate(out: Path, seed: int, day_obs: int, visits: int, detectors: str, bands: str, snaps: str,
-                   biases: int, darks: int, flats: int, jobs: int, compress: bool) -> None:
-    """Simulate a night of the summit into directory OUT."""
-    from dmstream.streams.observatory import NightConfig
-    from dmstream.streams.simulate import SimulationConfig, simulate_night
+                   biases: int, darks: int, flats: int, jobs: int, compress: bool, reference_out: Path | None,
+                   reference_visits: int, reference_days_before: int, reference_seeing: float) -> None:
+    """Simulate a night of the summit into directory OUT (and its reference night with --reference)."""
+    from dmstream.streams.observatory import NightConfig, ReferenceConfig, ReferenceNightError
+    from dmstream.streams.simulate import SimulationConfig, simulate_night, simulate_reference_night
 
     band_list = tuple(b.strip() for b in bands.split(",") if b.strip())
     config = SimulationConfig(
@@ -160,6 +170,17 @@ def night_simulate(out: Path, seed: int, day_obs: int, visits: int, detectors: s
         detectors=tuple(d.strip() for d in detectors.split(",") if d.strip()),
         compress=compress, jobs=jobs,
     )
+    if reference_out is not None:
+        # First, so that a reference night that cannot be planned stops us before the night is simulated.
+        try:
+            reference = ReferenceConfig(visits_per_field=reference_visits, days_before=reference_days_before,
+                                        seeing_median=reference_seeing)
+            summary = simulate_reference_night(reference_out, config, reference)
+        except ReferenceNightError as exc:
+            raise click.ClickException(str(exc)) from exc
+        click.echo(f"reference night: {summary.exposures} exposures x {len(config.detectors)} detectors = "
+                   f"{summary.raw_files} raw files, {summary.events} events, "
+                   f"{summary.sources_drawn} sources drawn, in {summary.seconds:.1f} s -> {reference_out}")
     summary = simulate_night(out, config)
     click.echo(f"simulated {summary.exposures} exposures x {len(config.detectors)} detectors = "
                f"{summary.raw_files} raw files, {summary.events} events, "

@@ -5,6 +5,8 @@ evening calibration sequence (biases, darks, dome flats), then science visits
 chosen by a small greedy scheduler between the -12° twilights, each exposure
 with its identifiers (as Rubin names them), pointing, timing and the
 conditions (seeing, sky, clouds) the camera and sky simulators need.
+``plan_reference_night`` plans a night's reference night: the same fields
+and bands, days earlier, in good seeing, for the templates.
 
 Conventions, learnt from Rubin's public code and documents:
 
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 import astropy.units as u
@@ -59,6 +61,8 @@ MJD_UNIX_EPOCH = 40587.0
 FLAT_EXPTIME = {"u": 40.0, "g": 8.0, "r": 6.0, "i": 6.0, "z": 8.0, "y": 15.0}
 #: Where the telescope waits during calibrations (pointing at the flat screen).
 CALIB_ALT, CALIB_AZ = 45.0, 0.0
+#: Reach of LSSTCam's rotator either side of zero, deg.
+ROTATOR_LIMIT = 90.0
 
 IMG_TYPES = ("BIAS", "DARK", "FLAT", "OBJECT")
 SNAP_POLICIES = ("1x30", "2x15", "mixed")
@@ -126,6 +130,9 @@ class NightConfig:
     announce_lead: float = 25.0
 
     seeing_median: float = 0.70
+    #: Scatter (natural log) of a night's median seeing about ``seeing_median``, and within the night.
+    seeing_night_sigma: float = 0.15
+    seeing_sigma: float = 0.15
     cloud_episodes: float = 1.0
     conditions_step: float = 60.0
 
@@ -139,6 +146,48 @@ class NightConfig:
             raise ValueError("n_visits must be >= 0")
         if self.n_visits == 1:
             raise ValueError("every field is visited at least twice a night: ask for 2 or more visits")
+
+
+class ReferenceNightError(ValueError):
+    """A reference night cannot be planned as asked."""
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    """The reference night of a night: its fields again, days earlier, in good seeing, for templates.
+
+    Attributes
+    ----------
+    visits_per_field : int
+        Visits of one ``NightConfig.visit_exptime`` exposure (1x30 s) of each
+        field in each band the night observed it in.  At least 2: a coadd of
+        one visit keeps that visit's cosmic rays and satellite trails.
+    days_before : int
+        How many days before the night the reference night is.
+    seeing_median : float
+        Median DIMM seeing (500 nm, zenith) of the reference night, arcsec.
+    seeing_sigma : float
+        Scatter (natural log) of the reference night's seeing, of its median
+        about ``seeing_median`` and within the night: small, since templates
+        are built from nights and visits chosen for their seeing.
+    cloud_episodes : float
+        Mean number of cloud episodes; 0 is a photometric night.
+    """
+
+    visits_per_field: int = 3
+    days_before: int = 21
+    seeing_median: float = 0.6
+    seeing_sigma: float = 0.05
+    cloud_episodes: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.visits_per_field < 2:
+            raise ReferenceNightError(f"visits_per_field must be 2 or more (a template is a coadd), "
+                                      f"not {self.visits_per_field}")
+        if self.days_before < 1:
+            raise ReferenceNightError(f"days_before must be 1 or more, not {self.days_before}")
+        if not self.seeing_median > 0 or not self.seeing_sigma >= 0 or not self.cloud_episodes >= 0:
+            raise ReferenceNightError("seeing_median must be > 0, seeing_sigma and cloud_episodes >= 0")
 
 
 @dataclass(frozen=True)
@@ -395,7 +444,8 @@ def field_grid(spacing: float, dec_range: tuple[float, float]) -> tuple[np.ndarr
     return np.concatenate(ras), np.concatenate(decs)
 
 
-def _hour_angle_alt(lst: float, ra: np.ndarray, dec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _hour_angle_alt(lst: float | np.ndarray, ra: np.ndarray, dec: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
     ha = (lst - ra + 180.0) % 360.0 - 180.0
     lat, d, h = np.radians(SITE_LATITUDE), np.radians(dec), np.radians(ha)
     alt = np.degrees(np.arcsin(np.sin(lat) * np.sin(d) + np.cos(lat) * np.cos(d) * np.cos(h)))
@@ -584,6 +634,15 @@ def _calibration_duration(config: NightConfig) -> float:
     return shots[-1].tai_start + shots[-1].exptime + config.readout_time if shots else 0.0
 
 
+def _night_frame(config: NightConfig) -> tuple[_Ephemeris, float, float]:
+    """The ephemeris of the observing day and its evening and morning twilights (TAI)."""
+    date = datetime.strptime(str(config.day_obs), "%Y%m%d").replace(tzinfo=UTC)
+    day_start_tai = (date + timedelta(seconds=DAY_OBS_OFFSET)).timestamp() + TAI_MINUS_UTC
+    eph = _Ephemeris(day_start_tai, day_start_tai + 86400.0)
+    evening = eph.crossing(config.twilight_alt, rising=False)
+    return eph, evening, eph.crossing(config.twilight_alt, rising=True)
+
+
 def plan_night(config: NightConfig | None = None) -> NightPlan:
     """Plan one night: calibrations before the evening twilight, then science visits until morning.
 
@@ -593,18 +652,155 @@ def plan_night(config: NightConfig | None = None) -> NightPlan:
     # Independent streams, so that the visit count does not change the weather.
     rng, seeing_rng, cloud_rng = (np.random.default_rng(s)
                                   for s in np.random.SeedSequence(config.seed).spawn(3))
-    date = datetime.strptime(str(config.day_obs), "%Y%m%d").replace(tzinfo=UTC)
-    day_start_tai = (date + timedelta(seconds=DAY_OBS_OFFSET)).timestamp() + TAI_MINUS_UTC
-    eph = _Ephemeris(day_start_tai, day_start_tai + 86400.0)
-    evening = eph.crossing(config.twilight_alt, rising=False)
-    morning = eph.crossing(config.twilight_alt, rising=True)
-
+    eph, evening, morning = _night_frame(config)
     calib_start = evening - config.calib_lead - _calibration_duration(config)
     shots = _calibration_shots(config, calib_start)
     first_band = shots[-1].band if shots else config.bands[0]
+    planned = _Scheduler(config, eph, evening, morning, rng, first_band).run(config.n_visits)
+    return _assemble(config, eph, evening, morning, calib_start, shots, planned, seeing_rng, cloud_rng)
 
-    scheduler = _Scheduler(config, eph, evening, morning, rng, first_band)
-    planned = scheduler.run(config.n_visits)
+
+def days_earlier(day_obs: int, days: int) -> int:
+    """The observing day ``days`` before ``day_obs`` (both YYYYMMDD)."""
+    return int((datetime.strptime(str(day_obs), "%Y%m%d") - timedelta(days=days)).strftime("%Y%m%d"))
+
+
+def plan_reference_night(night: NightPlan, reference: ReferenceConfig | None = None) -> NightPlan:
+    """Plan the reference night of ``night``: its fields in its bands again, earlier, in good seeing.
+
+    The reference night is ``reference.days_before`` days earlier and keeps
+    the night's camera setup and calibration sequence (templates are built
+    from raws through ISR).  Every field and band the night observed gets
+    ``reference.visits_per_field`` visits of one exposure, all bands of a
+    field in one block centred as near the field's transit as the airmass
+    limit, the zenith cap, the Moon and the other fields allow.  Visits reuse
+    the rotations the night used on that field and band, so that templates
+    cover the same detectors, turned by half a turn where the rotator cannot
+    reach them (the focal plane is symmetric under 180°).  The weather is
+    the reference night's own, drawn from (seed, day_obs) with the seeing and
+    clouds of ``reference``.  Deterministic: the same night and
+    ``reference`` give the same plan.
+
+    Raises
+    ------
+    ReferenceNightError
+        The night has no science visits, a field cannot be observed on the
+        reference night, or the visits do not fit between its twilights.
+    """
+    reference = reference or ReferenceConfig()
+    if not night.visits:
+        raise ReferenceNightError(f"night {night.day_obs} has no science visits to build templates for")
+    pairs = {(visit.field_id, visit.band) for visit in night.visits}
+    config = replace(night.config, day_obs=days_earlier(night.day_obs, reference.days_before),
+                     n_visits=len(pairs) * reference.visits_per_field, snaps="1x30",
+                     seeing_median=reference.seeing_median, seeing_night_sigma=reference.seeing_sigma,
+                     seeing_sigma=reference.seeing_sigma, cloud_episodes=reference.cloud_episodes)
+    # Another night's weather: not the stream the night itself drew its seeing from.
+    seeing_rng, cloud_rng = (np.random.default_rng(s)
+                             for s in np.random.SeedSequence([config.seed, config.day_obs]).spawn(2))
+    eph, evening, morning = _night_frame(config)
+    calib_start = evening - config.calib_lead - _calibration_duration(config)
+    shots = _calibration_shots(config, calib_start)
+    first_band = shots[-1].band if shots else config.bands[0]
+    planned = _reference_visits(night, config, reference.visits_per_field, eph, evening, morning, first_band)
+    return _assemble(config, eph, evening, morning, calib_start, shots, planned, seeing_rng, cloud_rng)
+
+
+def _reference_visits(night: NightPlan, config: NightConfig, per_field: int, eph: _Ephemeris, evening: float,
+                      morning: float, band: str) -> list[dict]:
+    """Schedule the reference visits: one block per field, blocks in the order of their best times."""
+    position: dict[int, tuple[float, float]] = {}
+    rotations: dict[tuple[int, str], list[float]] = {}
+    for visit in night.visits:
+        position[visit.field_id] = (visit.ra, visit.dec)
+        rotations.setdefault((visit.field_id, visit.band), []).append(visit.rot_sky_pos)
+    field_ids = sorted(position)
+    ra = np.array([position[f][0] for f in field_ids])
+    dec = np.array([position[f][1] for f in field_ids])
+    bands = [[b for b in config.bands if (f, b) in rotations] for f in field_ids]
+    per_visit = config.visit_exptime + config.readout_time + config.settle_time
+    duration = np.array([len(b) * per_visit * per_field + (len(b) - 1) * config.filter_change_time
+                         for b in bands])
+
+    # Where each block's middle may fall: the field high enough, off the zenith and the Moon, in the night.
+    grid = eph.tai[(eph.tai >= evening) & (eph.tai <= morning)][:, None]
+    _, alt = _hour_angle_alt(eph.lst_deg(grid), ra, dec)
+    moon_alt, moon_ra, moon_dec, _ = eph.moon(grid)
+    moon_separation = conditions.angular_separation(ra, dec, moon_ra, moon_dec)
+    near_moon = (moon_separation < config.moon_avoidance) & (moon_alt > 0)
+    usable = ((alt > 0) & (conditions.airmass(alt) < config.max_airmass)
+              & (alt < 90.0 - config.zenith_avoidance) & ~near_moon
+              & (grid >= evening + duration / 2) & (grid <= morning - duration / 2))
+    never = [f for f, ok in zip(field_ids, usable.any(axis=0), strict=True) if not ok]
+    if never:
+        raise ReferenceNightError(
+            f"fields {never} are never above airmass {config.max_airmass}, off the zenith and away from the "
+            f"Moon long enough on {config.day_obs}: choose another days_before")
+    best = grid[np.argmax(np.where(usable, alt, -np.inf), axis=0), 0]
+
+    visits: list[dict] = []
+    shutter_closed = camera_ready = evening
+    here: tuple[float, float] | None = None
+    for k in sorted(range(len(field_ids)), key=lambda k: (best[k], field_ids[k])):
+        block_start = best[k] - duration[k] / 2
+        # The filter in the camera first, then the changer's order.
+        for b in sorted(bands[k], key=lambda b: (b != band, config.bands.index(b))):
+            angles = rotations[(field_ids[k], b)]
+            for n in range(per_field):
+                distance = 0.0 if here is None else float(conditions.angular_separation(*here, ra[k], dec[k]))
+                filter_change = bool(visits) and b != visits[-1]["band"]
+                slew = config.settle_time + distance / config.slew_rate
+                if filter_change:
+                    slew = max(slew, config.filter_change_time)
+                start = max(shutter_closed + slew, camera_ready, block_start)
+                rot_sky_pos, rot_tel = _reachable_rotation(angles[n % len(angles)], eph, start, ra[k], dec[k])
+                end = start + config.visit_exptime
+                visits.append({
+                    "field_id": field_ids[k], "band": b, "ra": float(ra[k]), "dec": float(dec[k]),
+                    "rot_sky_pos": rot_sky_pos, "rot_tel": rot_tel, "start": start, "nimages": 1,
+                    "exptime": config.visit_exptime, "slew_start": shutter_closed, "slew_distance": distance,
+                    "filter_change": filter_change, "end": end + config.readout_time,
+                })
+                shutter_closed, camera_ready, here, band = end, end + config.readout_time, (ra[k], dec[k]), b
+    _check_reference_visits(visits, config, eph, morning, len(rotations), per_field)
+    return visits
+
+
+def _reachable_rotation(rot_sky_pos: float, eph: _Ephemeris, tai: float, ra: float, dec: float
+                        ) -> tuple[float, float]:
+    """A sky rotation within the rotator's reach at ``tai``, and the rotator angle for it (deg)."""
+    ha, _ = _hour_angle_alt(float(eph.lst_deg(tai)), np.array([ra]), np.array([dec]))
+    pa = float(conditions.parallactic_angle(ha, dec, SITE_LATITUDE)[0])
+    rot_tel = (pa - rot_sky_pos - 90.0 + 180.0) % 360.0 - 180.0
+    if abs(rot_tel) > ROTATOR_LIMIT:
+        rot_sky_pos, rot_tel = (rot_sky_pos + 180.0) % 360.0, rot_tel % 360.0 - 180.0
+    return rot_sky_pos, rot_tel
+
+
+def _check_reference_visits(visits: list[dict], config: NightConfig, eph: _Ephemeris, morning: float,
+                            pairs: int, per_field: int) -> None:
+    overrun = visits[-1]["end"] - morning
+    if overrun > 0:
+        raise ReferenceNightError(
+            f"{len(visits)} reference visits ({pairs} field-bands x {per_field}) do not fit in the night of "
+            f"{config.day_obs}: they end {overrun / 60:.0f} min after the morning twilight; ask fewer visits "
+            f"per field")
+    start = np.array([v["start"] for v in visits])
+    _, alt = _hour_angle_alt(eph.lst_deg(start), np.array([v["ra"] for v in visits]),
+                             np.array([v["dec"] for v in visits]))
+    late = np.flatnonzero(conditions.airmass(alt) > config.max_airmass)
+    if late.size:
+        worst = late[np.argmax(conditions.airmass(alt[late]))]
+        raise ReferenceNightError(
+            f"field {visits[worst]['field_id']} would be observed at airmass "
+            f"{float(conditions.airmass(alt[worst])):.2f} (limit {config.max_airmass}) on {config.day_obs}: "
+            f"too many fields compete for the same hours; ask fewer visits per field")
+
+
+def _assemble(config: NightConfig, eph: _Ephemeris, evening: float, morning: float, calib_start: float,
+              shots: list[_Shot], planned: list[dict], seeing_rng: np.random.Generator,
+              cloud_rng: np.random.Generator) -> NightPlan:
+    """A plan from its calibration shots and scheduled visits: the site's conditions, then every exposure."""
     for index, visit in enumerate(planned):
         for snap in range(visit["nimages"]):
             t0 = visit["start"] + snap * (visit["exptime"] + config.readout_time)
@@ -614,7 +810,8 @@ def plan_night(config: NightConfig | None = None) -> NightPlan:
 
     step = config.conditions_step
     series_tai = np.arange(calib_start - step, morning + 2 * step, step)
-    seeing = conditions.dimm_seeing(series_tai.size, step, seeing_rng, median=config.seeing_median)
+    seeing = conditions.dimm_seeing(series_tai.size, step, seeing_rng, median=config.seeing_median,
+                                    night_sigma=config.seeing_night_sigma, sigma=config.seeing_sigma)
     transparency = conditions.cloud_transparency(series_tai, cloud_rng, config.cloud_episodes)
     site = Conditions(series_tai, seeing, transparency)
 

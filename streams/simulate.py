@@ -7,7 +7,9 @@ log with a readout line at each detector's end of readout.  Detector-exposures
 are independent and seeded by (seed, exposure, detector), so they run in
 parallel processes and the bytes do not depend on the number of jobs.  Each
 detector's curated calibrations (what the camera team measured in the lab: here
-the electronics' truth) go to ``calib/curated/``.
+the electronics' truth) go to ``calib/curated/``.  A night's reference night
+(the same fields days earlier in good seeing, for templates) is written by
+:func:`simulate_reference_night` under the same sky and with the same camera.
 """
 
 from __future__ import annotations
@@ -33,7 +35,14 @@ from dmstream.payloads.isr import IsrConfig
 from dmstream.streams.camera import DetectorElectronics, simulate_raw, truth_calibrations
 from dmstream.streams.efd import EfdConfig, summit_events
 from dmstream.streams.night import MANIFEST, EventLogWriter, Manifest, raw_path
-from dmstream.streams.observatory import Exposure, NightConfig, NightPlan, plan_night
+from dmstream.streams.observatory import (
+    Exposure,
+    NightConfig,
+    NightPlan,
+    ReferenceConfig,
+    plan_night,
+    plan_reference_night,
+)
 from dmstream.streams.rawfits import INSTRUMENT, write_raw
 from dmstream.streams.sky import Sky, SkyConfig, render_exposure
 
@@ -235,17 +244,54 @@ def _add_to_manifest(out: Path, key: str, value: Any) -> None:
     path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
+def _night_sky(plan: NightPlan, config: SimulationConfig) -> Sky:
+    """The sky of a night: static sources of the seed, transients over the night's dates and fields."""
+    exposures = plan.exposures
+    return Sky.generate([(v.ra, v.dec) for v in plan.visits], replace(config.sky, seed=config.night.seed),
+                        mjd_range=(exposures[0].mjd_start, exposures[-1].mjd_end))
+
+
 def simulate_night(out: Path, config: SimulationConfig | None = None) -> SimulationSummary:
     """Write a complete recorded night to ``out`` (see ``docs/recorded-night.md``)."""
     config = config or SimulationConfig()
-    out = Path(out)
     started = time.monotonic()
     plan = plan_night(config.night)
+    description = f"simulated by dmstream: {len(plan.visits)} visits, {len(plan.exposures)} exposures"
+    return _write_night(Path(out), plan, _night_sky(plan, config), config, started, description)
+
+
+def simulate_reference_night(out: Path, config: SimulationConfig | None = None,
+                             reference: ReferenceConfig | None = None) -> SimulationSummary:
+    """Write the reference night of ``config``'s night to ``out``, a complete recorded night of its own.
+
+    The night is planned as :func:`simulate_night` plans it, then its
+    reference night (:func:`~dmstream.streams.observatory.plan_reference_night`)
+    is simulated under the night's sky and with the night's camera: the same
+    stars and galaxies (drawn from the seed, tile by tile), the same
+    transients (supernovae, flares and solar-system objects drawn over the
+    night's dates, seen as they were ``days_before`` earlier, so that a
+    supernova rising at the night is fainter or absent in its template), and
+    the same electronics and curated calibrations.  The manifest's
+    ``simulation`` says which night it is the reference of.
+    """
+    config = config or SimulationConfig()
+    reference = reference or ReferenceConfig()
+    started = time.monotonic()
+    night = plan_night(config.night)
+    plan = plan_reference_night(night, reference)
+    fields = len({(v.field_id, v.band) for v in night.visits})
+    description = (f"simulated by dmstream: reference night of {night.day_obs}, {reference.visits_per_field} "
+                   f"visits of each of its {fields} field-bands, {len(plan.exposures)} exposures")
+    return _write_night(Path(out), plan, _night_sky(night, config), config, started, description,
+                        {"reference_of": night.day_obs, "visits_per_field": reference.visits_per_field,
+                         "days_before": reference.days_before, "seeing_median": reference.seeing_median})
+
+
+def _write_night(out: Path, plan: NightPlan, sky: Sky, config: SimulationConfig, started: float,
+                 description: str, simulation: dict[str, Any] | None = None) -> SimulationSummary:
     exposures = plan.exposures
     log.info("night planned", day_obs=plan.day_obs, visits=len(plan.visits), exposures=len(exposures),
              calibrations=len(plan.calibrations), detectors=len(config.detectors))
-    sky = Sky.generate([(v.ra, v.dec) for v in plan.visits], replace(config.sky, seed=config.night.seed),
-                       mjd_range=(exposures[0].mjd_start, exposures[-1].mjd_end))
     tasks = [_Task(e, name, raw_path(out, e.day_obs, e.seq_num, e.obs_id, name))
              for e in exposures for name in config.detectors]
     truths: list[pa.Table] = []
@@ -280,8 +326,9 @@ def simulate_night(out: Path, config: SimulationConfig | None = None) -> Simulat
     Manifest(
         instrument="LSSTCam", day_obs=plan.day_obs, detectors=list(config.detectors),
         reference_catalog=refcat, truth=truth_files,
-        description=f"simulated by dmstream: {len(plan.visits)} visits, {len(exposures)} exposures",
-        simulation={"seed": config.night.seed, "visits": len(plan.visits), "compress": config.compress},
+        description=description,
+        simulation={"seed": config.night.seed, "visits": len(plan.visits), "compress": config.compress,
+                    **(simulation or {})},
     ).write(out)
     _add_to_manifest(out, "curated_calibrations", curated)
     summary = SimulationSummary(exposures=len(exposures), raw_files=len(tasks), events=events,
