@@ -125,7 +125,9 @@ def _psf_fluxes(image: CcdImage, x: np.ndarray, y: np.ndarray, size: int = 51
     flux, error = np.full(x.size, np.nan), np.full(x.size, np.nan)
     for k, (ix, iy) in enumerate(zip(x.astype(int), y.astype(int), strict=True)):
         box = (slice(iy - half, iy + half + 1), slice(ix - half, ix + half + 1))
-        if iy < half or ix < half or (image.mask[box] & MaskPlane.NO_DATA).any():
+        rows, cols = image.shape
+        if not (half <= iy < rows - half and half <= ix < cols - half) or (
+                image.mask[box] & MaskPlane.NO_DATA).any():
             continue
         kernel = image.psf.kernel(float(ix), float(iy), size)
         norm = (kernel**2).sum()
