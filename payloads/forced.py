@@ -58,8 +58,12 @@ SCHEMA = pa.schema([
 #: Columns the DiaObject table handed to :func:`run` must have.
 REQUIRED_OBJECT_COLUMNS = ("diaObjectId", "ra", "dec")
 #: Pixels kept around the fitting stamp on the kernels that are shifted, so that the periodic wrap of the
-#: Fourier shift (whose interpolant falls off as 1/distance) stays far from the pixels fitted.
-_SHIFT_MARGIN = 8
+#: Fourier shift stays off the pixels fitted: already with 2, a Kolmogorov PSF of 0.7-1.4" FWHM moved by up
+#: to half a pixel matches the profile drawn at that offset to 10⁻⁷ in fitted flux.
+_SHIFT_MARGIN = 3
+#: Prime factors of the kernel sizes (odd, so that the shift of a real kernel stays real) that pocketfft
+#: transforms fast; other primes take its much slower Bluestein path.
+_FAST_FACTORS = (3, 5, 7, 11)
 
 _MASK_63 = np.uint64((1 << 63) - 1)
 #: Odd multipliers of the 63-bit mixer (those of SplitMix64's finaliser).
@@ -79,14 +83,15 @@ class ForcedConfig:
     ----------
     stamp_fwhms : float
         Half-width of the fitting stamps, in FWHM of the wider of the two
-        PSFs at the detector centre (at least 3 pixels).  Two FWHM hold
-        nearly all of a PSF fit's information.
+        PSFs at the detector centre (at least 3 pixels).  1.5 FWHM hold
+        99.98 % of a Kolmogorov PSF's information (Σ P²), so the flux errors
+        are within 10⁻⁴ of a fit on all pixels.
     psf_grid : float
         Spacing of the nodes where the PSF models are evaluated, pixels;
         kernels in between are bilinear interpolations of the four nearest.
     """
 
-    stamp_fwhms: float = 2.0
+    stamp_fwhms: float = 1.5
     psf_grid: float = 512.0
 
 
@@ -155,18 +160,66 @@ def dia_forced_source_ids(dia_object_ids: ArrayLike, visit: int, detector: int) 
     return _mix63(_mix63(ids.astype(np.uint64)) + ccd_visit).astype(np.int64)
 
 
-def _fourier_shift(kernels: np.ndarray, dx: np.ndarray, dy: np.ndarray, half: int) -> np.ndarray:
-    """Kernels (n, S, S), S odd, moved by (dx, dy) pixels, cropped to ±``half`` about their centre.
+def _fast_odd_size(minimum: int) -> int:
+    """The smallest odd size ≥ ``minimum`` whose prime factors are all in ``_FAST_FACTORS``."""
+    size = minimum | 1
+    while True:
+        rest = size
+        for factor in _FAST_FACTORS:
+            while rest % factor == 0:
+                rest //= factor
+        if rest == 1:
+            return size
+        size += 2
 
-    Multiplying the spectrum by a phase ramp moves a band-limited profile
-    exactly; the ramp is separable, one factor per axis.
+
+def _stamps(array: np.ndarray, cx: np.ndarray, cy: np.ndarray, half: int, fill: float) -> np.ndarray:
+    """:func:`~dmstream.payloads.psf.cutouts`, taking stamps that lie wholly on the image as windows of
+    a strided view (whole rows copied, five times faster than indexing pixel by pixel)."""
+    rows, cols = array.shape
+    inside = (cx >= half) & (cx < cols - half) & (cy >= half) & (cy < rows - half)
+    side = 2 * half + 1
+    out = np.empty((cx.size, side, side), array.dtype)
+    windows = np.lib.stride_tricks.sliding_window_view(array, (side, side))
+    out[inside] = windows[cy[inside] - half, cx[inside] - half]
+    if not inside.all():
+        out[~inside] = cutouts(array, cx[~inside], cy[~inside], half, fill=fill)[0]
+    return out
+
+
+def _psf_models(kernels: PsfKernels, x: np.ndarray, y: np.ndarray, half: int) -> np.ndarray:
+    """(n, 2 half + 1, 2 half + 1) PSF models centred on (x, y), each on the stamp around its nearest pixel.
+
+    The kernel at a pixel is the bilinear blend of the four grid nodes around
+    it (as :meth:`PsfKernels.at` makes it), moved to the sub-pixel position by
+    a phase ramp on its spectrum, which moves a band-limited profile exactly.
+    Both steps are linear, so the blend is made of the nodes' spectra, one
+    small matrix product per grid cell, and only the inverse transforms are
+    per object.
     """
-    size = kernels.shape[-1]
-    spectrum = scipy.fft.rfft2(kernels, axes=(1, 2))
-    along_x = np.exp(-2j * np.pi * scipy.fft.rfftfreq(size)[None, :] * dx[:, None]).astype(np.complex64)
-    along_y = np.exp(-2j * np.pi * scipy.fft.fftfreq(size)[None, :] * dy[:, None]).astype(np.complex64)
-    spectrum *= along_y[:, :, None] * along_x[:, None, :]
-    moved = scipy.fft.irfft2(spectrum, s=(size, size), axes=(1, 2))
+    size, spacing = kernels.size, kernels.spacing
+    cx, cy = np.rint(x), np.rint(y)
+    gx, gy = cx / spacing, cy / spacing
+    ix, iy = np.floor(gx), np.floor(gy)
+    fx, fy = gx - ix, gy - iy
+    corner_weights = np.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], axis=1)
+    cells, cell_of = np.unique(np.stack([ix, iy], axis=1), axis=0, return_inverse=True)
+    corners_x = (cells[:, 0, None] + np.array([0, 1, 0, 1])) * spacing
+    corners_y = (cells[:, 1, None] + np.array([0, 0, 1, 1])) * spacing
+    # At a node's own position the blend is that node's kernel alone.
+    corner_spectra = scipy.fft.rfft2(kernels.at(corners_x.ravel(), corners_y.ravel(), size // 2), axes=(1, 2))
+    corner_spectra = corner_spectra.reshape(len(cells), 4, -1)
+    spectra = np.empty((x.size, corner_spectra.shape[-1]), np.complex64)
+    order = np.argsort(cell_of.ravel(), kind="stable")
+    starts = np.searchsorted(cell_of.ravel()[order], np.arange(len(cells)))
+    for cell, members in enumerate(np.split(order, starts[1:])):
+        spectra[members] = corner_weights[members].astype(np.complex64) @ corner_spectra[cell]
+    spectra = spectra.reshape(x.size, size, size // 2 + 1)
+    spectra *= np.exp(-2j * np.pi * scipy.fft.fftfreq(size)[None, :, None] * (y - cy)[:, None, None]
+                      ).astype(np.complex64)
+    spectra *= np.exp(-2j * np.pi * scipy.fft.rfftfreq(size)[None, None, :] * (x - cx)[:, None, None]
+                      ).astype(np.complex64)
+    moved = scipy.fft.irfft2(spectra, s=(size, size), axes=(1, 2))
     centre = size // 2
     return moved[:, centre - half:centre + half + 1, centre - half:centre + half + 1]
 
@@ -179,7 +232,8 @@ def psf_fluxes(image: CcdImage, kernels: PsfKernels, x: np.ndarray, y: np.ndarra
     ----------
     image : CcdImage
     kernels : PsfKernels
-        Of ``image``'s PSF, at least ``2 (half + 8) + 1`` pixels wide.
+        Of ``image``'s PSF, at least ``2 (half + 3) + 1`` pixels wide (odd); an odd size with
+        small prime factors only keeps the Fourier shift fast.
     x, y : numpy.ndarray
         Positions, pixels (0-based, x the column); their nearest pixel must lie on the image.
     half : int
@@ -190,14 +244,20 @@ def psf_fluxes(image: CcdImage, kernels: PsfKernels, x: np.ndarray, y: np.ndarra
     flux, flux_err : numpy.ndarray
         NaN where no pixel of the stamp can be fitted.
     """
+    smallest = 2 * (half + _SHIFT_MARGIN) + 1
+    if kernels.size < smallest or kernels.size % 2 == 0:
+        raise ForcedPhotometryError(f"PSF kernels of {kernels.size} pixels cannot be shifted onto stamps "
+                                    f"of ±{half}: need an odd size of at least {smallest}")
+    if x.size == 0:
+        return np.zeros(0), np.zeros(0)
     cx, cy = np.rint(x).astype(np.intp), np.rint(y).astype(np.intp)
-    data, _ = cutouts(image.image, cx, cy, half)
-    variance, _ = cutouts(image.variance, cx, cy, half, fill=np.nan)
-    mask, _ = cutouts(image.mask, cx, cy, half, fill=int(MaskPlane.NO_DATA))
+    data = _stamps(image.image, cx, cy, half, 0.0)
+    variance = _stamps(image.variance, cx, cy, half, np.nan)
+    mask = _stamps(image.mask, cx, cy, half, int(MaskPlane.NO_DATA))
     usable = ((mask & UNFIT_PLANES) == 0) & np.isfinite(variance) & (variance > 0) & np.isfinite(data)
     weight = np.where(usable, 1.0 / np.where(usable, variance, 1.0), 0.0).astype(np.float32)
     data = np.where(usable, data, 0.0).astype(np.float32)
-    model = _fourier_shift(kernels.at(cx, cy, half + _SHIFT_MARGIN), x - cx, y - cy, half)
+    model = _psf_models(kernels, x, y, half)
     weighted_model = weight * model
     information = np.einsum("npq,npq->n", weighted_model, model, dtype=np.float64)
     projection = np.einsum("npq,npq->n", weighted_model, data, dtype=np.float64)
@@ -278,7 +338,7 @@ def run(difference: CcdImage, science: CcdImage, dia_objects: pa.Table, config: 
     centre = (cols - 1) / 2, (rows - 1) / 2
     fwhm = max(difference.psf.fwhm(*centre), science.psf.fwhm(*centre))
     half = max(int(np.ceil(config.stamp_fwhms * fwhm)), 3)
-    kernel_size = 2 * (half + _SHIFT_MARGIN) + 1
+    kernel_size = _fast_odd_size(2 * (half + _SHIFT_MARGIN) + 1)
     fluxes = {}
     for label, image in (("psf", difference), ("science", science)):
         kernels = PsfKernels(image.psf, kernel_size, config.psf_grid, image.shape)

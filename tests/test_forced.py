@@ -185,6 +185,17 @@ def test_objects_off_the_image_or_on_no_data_are_skipped_and_edge_objects_measur
     assert expected > 1.1 * whole
 
 
+def test_a_detector_without_known_objects_gives_an_empty_table() -> None:
+    rng = np.random.default_rng(68)
+    blank = np.zeros(SHAPE, np.float32)
+    difference, science = _image(blank, DIFFERENCE_PSF, rng), _image(blank, SCIENCE_PSF, rng)
+
+    result = _run(difference, science, _objects(np.zeros(0), np.zeros(0)))
+
+    assert len(result.table) == 0 and result.table.schema == forced.SCHEMA
+    assert result.off_image.size == 0 and result.no_data.size == 0
+
+
 def test_an_object_whose_stamp_is_all_unusable_gets_null_fluxes() -> None:
     rng = np.random.default_rng(64)
     blank = np.zeros(SHAPE, np.float32)
