@@ -190,8 +190,8 @@ def _stamps(array: np.ndarray, cx: np.ndarray, cy: np.ndarray, half: int, fill: 
 def _psf_models(kernels: PsfKernels, x: np.ndarray, y: np.ndarray, half: int) -> np.ndarray:
     """(n, 2 half + 1, 2 half + 1) PSF models centred on (x, y), each on the stamp around its nearest pixel.
 
-    The kernel at a pixel is the bilinear blend of the four grid nodes around
-    it (as :meth:`PsfKernels.at` makes it), moved to the sub-pixel position by
+    The kernel at a pixel is the bilinear blend of the PSF at the four nodes
+    of the ``kernels`` grid around it (with their normalisation), moved to the sub-pixel position by
     a phase ramp on its spectrum, which moves a band-limited profile exactly.
     Both steps are linear, so the blend is made of the nodes' spectra, one
     small matrix product per grid cell, and only the inverse transforms are
