@@ -9,7 +9,7 @@ import pytest
 
 from dmstream.payloads.calibration import MasterBias
 from dmstream.payloads.camera import get_detector
-from dmstream.payloads.isr import Isr, IsrCalibrations, IsrConfig, interpolate_rows
+from dmstream.payloads.isr import Isr, IsrCalibrations, IsrConfig, interpolate_rows, serial_overscan_levels
 from dmstream.payloads.masks import MaskPlane
 from dmstream.streams.camera import DetectorElectronics, simulate_raw, truth_calibrations
 
@@ -154,3 +154,25 @@ def test_interpolate_rows_is_linear_between_neighbours():
     assert np.array_equal(replaced, bad)
     np.testing.assert_allclose(image[0], np.arange(10))
     np.testing.assert_allclose(image[1, :2], [2, 2])
+
+
+def test_overscan_levels_and_noise_are_exact_medians_even_with_outliers(electronics):
+    """Row levels and the clipped noise equal numpy's medians, also where outliers leave the counted range."""
+    detector = electronics.detector
+    rng = np.random.default_rng(4)
+    raw = simulate_raw(None, 0.0, 0.0, electronics, rng)
+    first = detector.amplifiers[0].prescan + detector.amplifiers[0].data_shape[1] + 2
+    raw[3][:, first + 5] += 50_000  # a hot overscan column: its median lies far outside the window
+    raw[7][100:110, first:] += 30_000  # rows hit by a bleed trail reaching the serial register
+    levels, noise = serial_overscan_levels(raw, detector)
+
+    overscan = np.stack([amp[:, first:first + detector.amplifiers[0].serial_overscan - 2] for amp in raw])
+    expected_levels = np.median(overscan, axis=2)
+    deviation = overscan - expected_levels[:, :, None]
+    deviation -= np.median(deviation, axis=1, keepdims=True)
+    flat = deviation.reshape(16, -1)
+    keep = np.abs(flat) <= 5 * 1.4826 * np.median(np.abs(flat), axis=1, keepdims=True)
+    expected_noise = np.sqrt((flat**2 * keep).sum(axis=1) / keep.sum(axis=1))
+    np.testing.assert_array_equal(levels, expected_levels.astype(np.float32))
+    np.testing.assert_allclose(noise, expected_noise, rtol=1e-12)
+    np.testing.assert_allclose(noise, electronics.read_noise_adu, rtol=0.03)
