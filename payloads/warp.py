@@ -426,6 +426,20 @@ def _no_data(source: CcdImage, target_wcs: WCS, target_shape: tuple[int, int]) -
     return WarpResult(empty, 0.0)
 
 
+class _TransposedWcs:
+    """The sky mapping of a transposed image: its pixel (x, y) is pixel (y, x) of the original."""
+
+    def __init__(self, wcs: WCS) -> None:
+        self.wcs = wcs
+
+    def world_to_pixel_values(self, ra: np.ndarray, dec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x, y = self.wcs.world_to_pixel_values(ra, dec)
+        return y, x
+
+    def pixel_to_world_values(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.wcs.pixel_to_world_values(y, x)
+
+
 def warp_image(source: CcdImage, target_wcs: WCS, target_shape: tuple[int, int],
                config: WarpConfig | None = None, *, where: np.ndarray | None = None) -> WarpResult:
     """Resample ``source`` (image, variance, mask, PSF) onto the grid of ``target_wcs``.
@@ -461,6 +475,15 @@ def warp_image(source: CcdImage, target_wcs: WCS, target_shape: tuple[int, int],
     if where is not None and where.shape != tuple(target_shape):
         raise ValueError(f"where {where.shape} does not match the target shape {tuple(target_shape)}")
     rows, cols = target_shape
+    _, jacobian = local_jacobian(source.wcs, target_wcs, (cols - 1) / 2, (rows - 1) / 2)
+    if abs(jacobian[0, 0]) < abs(jacobian[0, 1]):
+        # Near a quarter turn, pass 1 would squeeze the intermediate rows to lines; the transposed
+        # source leaves a turn of less than 45 degrees (and a reflection, which the passes take).
+        transposed = replace(source, image=source.image.T, variance=source.variance.T, mask=source.mask.T,
+                             wcs=_TransposedWcs(source.wcs), psf=None)
+        result = warp_image(transposed, target_wcs, target_shape, config, where=where)
+        psf = WarpedPsf(source.psf, source.wcs, target_wcs) if source.psf is not None else None
+        return WarpResult(replace(result.image, psf=psf), result.coverage)
     spacing = config.grid_spacing
     node_rows, node_cols = _nodes(rows, spacing), _nodes(cols, spacing)
     grid_cols, grid_rows = np.meshgrid(node_cols, node_rows)
