@@ -773,7 +773,28 @@ def _fit_point_sources(diff: CcdImage, kernels: PsfKernels, px: np.ndarray, py: 
     excess = np.nan_to_num(excess, nan=1.0)
     covariance = covariance * excess[:, None, None]
     flux_err = flux_err * np.sqrt(excess)
-    return _PointFits(cx, cy, dx, dy, covariance, flux, flux_err, chi2, ndata, ln_l)
+    correction = 1.0 + _centroid_flux_bias(weight, psf, dx, dy, half, covariance)
+    return _PointFits(cx, cy, dx, dy, covariance, flux / correction, flux_err / correction, chi2, ndata, ln_l)
+
+
+def _centroid_flux_bias(weight: np.ndarray, kernels: np.ndarray, dx: np.ndarray, dy: np.ndarray, half: int,
+                        covariance: np.ndarray) -> np.ndarray:
+    """Fractional excess of a PSF flux fitted at its own fitted centroid, on average.
+
+    Fitting the position moves the PSF onto the noise that raises the flux
+    most, so the flux is high by half the centroid covariance contracted with
+    the curvature of the matched filter's response to a shift:
+    (C_xx a_xx + C_yy a_yy + 2 C_xy a_xy) / 2, a_ij = Σ w ∂_i P ∂_j P / Σ w P².
+    About 1/SNR² for a Gaussian PSF: 1 % at SNR 10, 0.25 % at SNR 20.
+    """
+    model, d_dx, d_dy = _shifted(kernels, dx, dy, half)
+    norm = (weight * model**2).sum(axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        a_xx, a_yy, a_xy = ((weight * first * second).sum(axis=(1, 2)) / norm
+                            for first, second in ((d_dx, d_dx), (d_dy, d_dy), (d_dx, d_dy)))
+        bias = 0.5 * (covariance[:, 1, 1] * a_xx + covariance[:, 2, 2] * a_yy
+                      + 2 * covariance[:, 1, 2] * a_xy)
+    return np.nan_to_num(bias, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _overlapping(cx: np.ndarray, cy: np.ndarray, half: int) -> np.ndarray:
