@@ -135,13 +135,16 @@ class Backbone:
             raise DatasetNotFoundError(f"no {dataset_type} {kind.key(data_id)} in the backbone")
         return ref
 
-    def get(self, dataset_type: str, *, verify: bool = False, **data_id: Any) -> Any:
+    def get(self, dataset_type: str, *, verify: bool = False, section: tuple[slice, slice] | None = None,
+            **data_id: Any) -> Any:
         """Read one dataset.
 
         Parameters
         ----------
         verify : bool
             Check the file's SHA-256 against the registry first (reads the file twice).
+        section : tuple of slice, optional
+            For images (``ccd_image``): read only these (rows, cols).
 
         Raises
         ------
@@ -151,7 +154,8 @@ class Backbone:
         """
         ref = self.ref(dataset_type, **data_id)
         formatter = FORMATTERS[self.registry.dataset_type(dataset_type).storage]
-        return self.datastore.read(formatter, ref.path, ref.checksum if verify else None)
+        options = {} if section is None else {"section": section}
+        return self.datastore.read(formatter, ref.path, ref.checksum if verify else None, **options)
 
     def path(self, dataset_type: str, **data_id: Any) -> Path:
         """The absolute path of one dataset's file, for readers that open it themselves."""

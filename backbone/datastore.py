@@ -98,8 +98,8 @@ class Datastore:
                 temporary.unlink()
             raise
 
-    def read(self, formatter: Formatter, relative: str, checksum: str | None = None) -> Any:
-        """Read a dataset's file; with ``checksum``, verify it first.
+    def read(self, formatter: Formatter, relative: str, checksum: str | None = None, **options: Any) -> Any:
+        """Read a dataset's file; with ``checksum``, verify it first; ``options`` go to the formatter.
 
         Raises
         ------
@@ -117,6 +117,6 @@ class Datastore:
             with warnings.catch_warnings():
                 # astropy only warns about a file shorter than its headers say.
                 warnings.filterwarnings("error", message=".*truncated")
-                return formatter.read(path)
+                return formatter.read(path, **options)
         except (OSError, ValueError, KeyError, TypeError, IndexError, Warning) as exc:
             raise CorruptDatasetError(f"{path} cannot be read as {formatter.storage}: {exc}") from exc

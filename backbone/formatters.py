@@ -164,18 +164,32 @@ class CcdImageFormatter(Formatter):
             hdus.append(_psf_hdu(obj.psf, obj.shape))
         fits.HDUList(hdus).writeto(path, output_verify="exception")
 
-    def read(self, path: Path) -> CcdImage:
+    def read(self, path: Path, section: tuple[slice, slice] | None = None) -> CcdImage:
+        """Read the image, or only its ``section`` (rows, cols): the pixels outside it are never loaded.
+
+        A section keeps the PSF of the whole image (positions in its PSF stay
+        those of the whole image's pixels) and records its origin in
+        ``metadata["SECTION_ORIGIN"]`` as (row, col).
+        """
         with fits.open(path, memmap=False) as hdus:
             primary = hdus[0].header
             if primary.get("DMSFORM") != "CcdImage":
                 raise FormatterError(f"{path} is not a CcdImage file (DMSFORM {primary.get('DMSFORM')!r})")
-            image, variance = _native(hdus["IMAGE"].data), _native(hdus["VARIANCE"].data)
-            mask = _remap_mask(_native(hdus["MASK"].data), hdus["MASK"].header)
+            metadata = json.loads(primary["METADATA"])
+            names = ("IMAGE", "VARIANCE", "MASK")
+            if section is None:
+                planes = [_native(hdus[name].data) for name in names]
+            else:
+                planes = [_native(np.asarray(hdus[name].section[section])) for name in names]
+                metadata["SECTION_ORIGIN"] = [section[0].start or 0, section[1].start or 0]
             wcs = _read_wcs(hdus["IMAGE"].header)
+            if wcs is not None and section is not None:
+                wcs = wcs.slice(section)
             psf = _read_psf(hdus["PSF"]) if "PSF" in hdus else None
-            return CcdImage(image=image, variance=variance, mask=mask, wcs=wcs, psf=psf,
+            mask = _remap_mask(planes[2], hdus["MASK"].header)
+            return CcdImage(image=planes[0], variance=planes[1], mask=mask, wcs=wcs, psf=psf,
                             zero_point=primary.get("MAGZERO"), band=primary["FILTBAND"],
-                            exptime=float(primary["EXPTIME"]), metadata=json.loads(primary["METADATA"]))
+                            exptime=float(primary["EXPTIME"]), metadata=metadata)
 
 
 def _json_scalar(value: Any) -> Any:

@@ -30,6 +30,7 @@ from dmstream.payloads.image import CcdImage
 from dmstream.payloads.masks import MaskPlane
 from dmstream.payloads.psf import PixelPsf
 from dmstream.payloads.tiles import DEFAULT_SKYMAP, SkyMap, Tile
+from dmstream.payloads.warp import overlap_box
 from dmstream.streams.rawfits import read_raw
 
 log = get_logger(__name__)
@@ -38,6 +39,8 @@ TEMPLATE_TYPE = "template"
 CALEXP_TYPE = "calexp"
 #: Side of the stored template PSF stamps, pixels (±6 FWHM of a 1″ PSF).
 PSF_STAMP = 61
+#: Pixels read around the part of a tile a CCD covers.
+SECTION_MARGIN = 48
 
 
 class TemplateError(ValueError):
@@ -124,26 +127,31 @@ def build_templates(backbone: Backbone, day_obs: Sequence[int], detectors: Seque
     return run
 
 
-def stored_tile(backbone: Backbone, skytile: int, band: str, skymap: SkyMap = DEFAULT_SKYMAP
-                ) -> CoaddResult | None:
-    """The stored template of a sky tile in a band, as a tile coadd, or None if there is none."""
+def stored_tile(backbone: Backbone, skytile: int, band: str, section: tuple[slice, slice] | None = None,
+                skymap: SkyMap = DEFAULT_SKYMAP) -> CoaddResult | None:
+    """The stored template of a sky tile in a band (or only a section of it), or None if there is none.
+
+    A section's pixels keep their WCS, so :func:`~dmstream.payloads.coadd.template_for`
+    resamples them as it would the whole tile, without the rest ever being read.
+    """
     if not backbone.exists(TEMPLATE_TYPE, skytile=skytile, band=band):
         return None
-    coadd: CcdImage = backbone.get(TEMPLATE_TYPE, skytile=skytile, band=band)
+    coadd: CcdImage = backbone.get(TEMPLATE_TYPE, section=section, skytile=skytile, band=band)
     covered = ((coadd.mask & MaskPlane.NO_DATA) == 0).astype(np.int16)
     # Pixels, variance, mask, PSF and zero point are stored; the visit weights and depth are not.
     return CoaddResult(coadd, np.empty(0), covered, skymap.tile(skytile))
 
 
 def templates_for(wcs: WCS, shape: tuple[int, int], band: str,
-                  load: Callable[[int, str], CoaddResult | None], skymap: SkyMap = DEFAULT_SKYMAP
-                  ) -> list[CoaddResult]:
-    """The tile templates a CCD needs, for :func:`dmstream.payloads.coadd.template_for`.
+                  load: Callable[[int, str, tuple[slice, slice]], CoaddResult | None],
+                  skymap: SkyMap = DEFAULT_SKYMAP) -> list[CoaddResult]:
+    """The parts of the tile templates a CCD needs, for :func:`dmstream.payloads.coadd.template_for`.
 
     Parameters
     ----------
     load : callable
-        ``load(skytile, band)``: a tile's template or None (:func:`stored_tile`, or a cache of it).
+        ``load(skytile, band, section)``: that section of a tile's template, or
+        None (:func:`stored_tile` with a backbone).
 
     Raises
     ------
@@ -151,7 +159,18 @@ def templates_for(wcs: WCS, shape: tuple[int, int], band: str,
         If none of the tiles the CCD overlaps has a template in ``band``.
     """
     tiles: list[Tile] = skymap.tiles_overlapping(wcs, shape)
-    found = [coadd for coadd in (load(tile.id, band) for tile in tiles) if coadd is not None]
+    found = []
+    for tile in tiles:
+        box = overlap_box(wcs, shape, tile.wcs, tile.shape)
+        if box is None:
+            continue
+        # Room for the resampling's taps and the block-wise ownership of template pixels.
+        rows, cols = tile.shape
+        section = (slice(max(box[0].start - SECTION_MARGIN, 0), min(box[0].stop + SECTION_MARGIN, rows)),
+                   slice(max(box[1].start - SECTION_MARGIN, 0), min(box[1].stop + SECTION_MARGIN, cols)))
+        coadd = load(tile.id, band, section)
+        if coadd is not None:
+            found.append(coadd)
     if not found:
         raise TemplateError(f"no {band}-band template for tiles {', '.join(t.name for t in tiles)}")
     return found

@@ -16,10 +16,9 @@ from typing import Any, TypeVar
 import pyarrow as pa
 
 from dmstream.backbone import Backbone
-from dmstream.batch import single_frame, templates
+from dmstream.batch import single_frame
 from dmstream.batch.calibrations import isr_calibrations
 from dmstream.logs import get_logger
-from dmstream.payloads.coadd import CoaddResult
 from dmstream.payloads.isr import IsrCalibrations
 
 log = get_logger(__name__)
@@ -72,13 +71,3 @@ def reference_catalog(instrument: str, day_obs: int) -> pa.Table:
     """The night's reference catalog."""
     return preloaded.get(("refcat", instrument, day_obs),
                          lambda: single_frame.reference_catalog(backbone(), instrument, day_obs))
-
-
-#: Tile templates are large (a 4200-pixel tile is ~200 MB), so few are kept.
-preloaded_templates = Preloaded(capacity=6)
-
-
-def tile_template(skytile: int, band: str) -> CoaddResult | None:
-    """The stored template of a sky tile in a band, as a tile coadd, or None if there is none."""
-    return preloaded_templates.get(("template", skytile, band),
-                                   lambda: templates.stored_tile(backbone(), skytile, band))

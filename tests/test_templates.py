@@ -36,6 +36,27 @@ def test_every_science_ccd_of_the_night_has_a_template(prepared_backbone: Backbo
         assert result.template.psf.fwhm(shape[1] / 2, shape[0] / 2) * 0.2 < 0.8
 
 
+def test_reading_only_the_tile_sections_a_ccd_needs_changes_nothing(prepared_backbone: Backbone,
+                                                                    small_nights) -> None:
+    raw = _science_raws(small_nights.night)[0]
+    wcs, shape = raw.wcs(), raw.detector.shape
+
+    def whole(skytile: int, band: str, section: tuple[slice, slice]):
+        return stored_tile(prepared_backbone, skytile, band)
+
+    parts = templates_for(wcs, shape, "r", partial(stored_tile, prepared_backbone))
+    assert sum(p.coadd.image.size for p in parts) < 0.5 * sum(p.coadd.image.size for p in
+                                                               templates_for(wcs, shape, "r", whole))
+    from_sections = template_for(parts, wcs, shape).template
+    from_tiles = template_for(templates_for(wcs, shape, "r", whole), wcs, shape).template
+    np.testing.assert_array_equal(from_sections.mask, from_tiles.mask)
+    # The resampling's spline of the pixel mapping has its nodes on the part read, so values may
+    # differ in the last digits, far below the noise.
+    covered = np.isfinite(from_tiles.variance)
+    difference = np.abs(from_sections.image - from_tiles.image)[covered]
+    assert (difference <= 0.01 * np.sqrt(from_tiles.variance[covered])).all()
+
+
 def test_template_stars_have_their_true_fluxes(prepared_backbone: Backbone, small_nights) -> None:
     truth = pq.read_table(small_nights.reference / "truth" / "sources.parquet")
     stars = truth.filter(pc.equal(truth["kind"], "star"))
