@@ -378,21 +378,24 @@ def overscan_corrected_data(raw_amps: Sequence[np.ndarray], detector: DetectorGe
 
 def grown_pixels(seeds: np.ndarray, shape: tuple[int, int], grow_rows: int = 0,
                  grow_columns: int = 0) -> np.ndarray:
-    """Pixels within a box of ``seeds``, per amplifier: the saturation mask's growth along columns and rows.
+    """Pixels within a box around ``seeds`` on each of several planes of one shape (amplifiers, snaps).
+
+    ISR grows its saturation mask this way along columns (bleed trails) and
+    rows, amplifier by amplifier; snap combination grows cosmic rays.
 
     Parameters
     ----------
     seeds : numpy.ndarray
-        (n, 3) int (amplifier, row, column) in readout orientation.
+        (n, 3) int (plane, row, column), e.g. (amplifier, row, column) in readout orientation.
     shape : tuple of int
-        (rows, cols) of an amplifier's data section; the growth stops at its edges.
+        (rows, cols) of a plane; the growth stops at its edges.
     grow_rows, grow_columns : int
-        Pixels to grow by along a column (bleed direction) and along a row.
+        Pixels to grow by along a column and along a row.
 
     Returns
     -------
     numpy.ndarray
-        (m, 3) int (amplifier, row, column); a pixel near several seeds appears more than once.
+        (m, 3) int (plane, row, column); a pixel near several seeds appears more than once.
     """
     if seeds.size == 0 or (grow_rows == 0 and grow_columns == 0):
         return seeds
