@@ -171,7 +171,9 @@ class CcdImageFormatter(Formatter):
         those of the whole image's pixels) and records its origin in
         ``metadata["SECTION_ORIGIN"]`` as (row, col).
         """
-        with fits.open(path, memmap=False) as hdus:
+        # Memory-mapped, so that a section touches only the pages of its rows; unscaled, because astropy
+        # maps no unsigned (BZERO) plane.
+        with fits.open(path, memmap=section is not None, do_not_scale_image_data=section is not None) as hdus:
             primary = hdus[0].header
             if primary.get("DMSFORM") != "CcdImage":
                 raise FormatterError(f"{path} is not a CcdImage file (DMSFORM {primary.get('DMSFORM')!r})")
@@ -180,7 +182,7 @@ class CcdImageFormatter(Formatter):
             if section is None:
                 planes = [_native(hdus[name].data) for name in names]
             else:
-                planes = [_native(np.asarray(hdus[name].section[section])) for name in names]
+                planes = [_section(hdus[name], section) for name in names]
                 metadata["SECTION_ORIGIN"] = [section[0].start or 0, section[1].start or 0]
             wcs = _read_wcs(hdus["IMAGE"].header)
             if wcs is not None and section is not None:
@@ -190,6 +192,16 @@ class CcdImageFormatter(Formatter):
             return CcdImage(image=planes[0], variance=planes[1], mask=mask, wcs=wcs, psf=psf,
                             zero_point=primary.get("MAGZERO"), band=primary["FILTBAND"],
                             exptime=float(primary["EXPTIME"]), metadata=metadata)
+
+
+def _section(hdu: fits.ImageHDU, section: tuple[slice, slice]) -> np.ndarray:
+    """Rows and columns of an unscaled, memory-mapped image HDU, as native values (BZERO applied)."""
+    values = _native(hdu.data[section])
+    offset = hdu.header.get("BZERO", 0)
+    if offset:
+        # Unsigned integers are stored signed, offset by BZERO (2**31 for uint32); BSCALE is 1 for them.
+        return (values.astype(np.int64) + int(offset)).astype(values.dtype.str.replace("i", "u"))
+    return values
 
 
 def _json_scalar(value: Any) -> Any:

@@ -105,6 +105,21 @@ def test_ccd_image_round_trips_exactly(backbone: Backbone) -> None:
                              "amps": [1, 2, 3], "nested": {"ok": True}}
 
 
+def test_a_section_of_an_image_reads_back_exactly(backbone: Backbone) -> None:
+    original = make_ccd_image()
+    original.mask[::7, ::5] |= np.uint32(MaskPlane.SAT) | np.uint32(1 << 31)
+    backbone.put(original, "calexp", band="r", **CALEXP_ID)
+    section = (slice(3, SHAPE[0] - 5), slice(11, SHAPE[1] // 2))
+    part = backbone.get("calexp", section=section, **CALEXP_ID)
+    for plane in ("image", "variance", "mask"):
+        assert getattr(part, plane).dtype == getattr(original, plane).dtype
+        np.testing.assert_array_equal(getattr(part, plane), getattr(original, plane)[section])
+    # The section's pixel (0, 0) is the whole image's (11, 3) on the sky.
+    np.testing.assert_allclose(part.wcs.pixel_to_world_values(0.0, 0.0),
+                               original.wcs.pixel_to_world_values(11.0, 3.0), rtol=0, atol=1e-12)
+    assert part.metadata["SECTION_ORIGIN"] == [3, 11]
+
+
 def test_ccd_image_file_is_readable_fits_with_mask_plane_names(backbone: Backbone) -> None:
     backbone.put(make_ccd_image(), "calexp", **CALEXP_ID)
     with fits.open(backbone.path("calexp", **CALEXP_ID)) as hdus:
