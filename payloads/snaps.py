@@ -40,6 +40,11 @@ both positions (half its flux at each, as a 30 s exposure would hold a short
 trail), and :attr:`SnapCombineResult.n_kept_changes` counts such groups.
 Variable sources and satellite glints in one snap are kept the same way.
 
+Limits: in seeing sharper than ``min_psf_fwhm`` a faint mover can pass for a
+cosmic ray and be replaced by the other snap (set ``min_psf_fwhm`` from the
+night's seeing where it is that good); cosmic rays on bright stars below the
+guard stay in the sum unflagged; a pixel hit in both snaps cannot be repaired.
+
 Units: images in e⁻, variances in e⁻², exposure times in seconds.
 """
 
