@@ -18,7 +18,7 @@ from dmstream.backbone import Backbone, DatasetRef
 from dmstream.batch.calibrations import isr_calibrations
 from dmstream.payloads.calibrate import Calibrate, CalibrateResult
 from dmstream.payloads.image import CcdImage
-from dmstream.payloads.isr import Isr, IsrCalibrations
+from dmstream.payloads.isr import Isr, IsrCalibrations, IsrConfig
 from dmstream.streams.night import Manifest, NightFormatError
 from dmstream.streams.rawfits import read_raw
 
@@ -57,13 +57,16 @@ def reference_catalog(backbone: Backbone, instrument: str, day_obs: int) -> pa.T
 
 
 def post_isr_image(backbone: Backbone, instrument: str, day_obs: int, exposure: int, detector: int,
-                   band: str, calibs: IsrCalibrations | None = None) -> CcdImage:
+                   band: str, calibs: IsrCalibrations | None = None, config: IsrConfig | None = None
+                   ) -> CcdImage:
     """ISR of one archived raw, with the header's approximate WCS, band and start time attached.
 
     Parameters
     ----------
     calibs : IsrCalibrations, optional
         Default: assembled from the backbone for the raw's day and band.
+    config : IsrConfig, optional
+        Snaps that are combined later leave their cosmic rays to the combination.
 
     Raises
     ------
@@ -76,7 +79,8 @@ def post_isr_image(backbone: Backbone, instrument: str, day_obs: int, exposure: 
                                  detector=detector))
     header = raw.primary_header
     calibs = calibs or isr_calibrations(backbone, instrument, day_obs, detector, band)
-    result = Isr().run(raw.amps, raw.detector, calibs, float(header["EXPTIME"]), float(header["DARKTIME"]))
+    result = Isr(config).run(raw.amps, raw.detector, calibs, float(header["EXPTIME"]),
+                             float(header["DARKTIME"]))
     return replace(result.exposure, wcs=raw.wcs(), band=band,
                    metadata={**result.exposure.metadata, "OBSID": str(header["OBSID"]),
                              "MJD-OBS": float(header["MJD-OBS"]), "DETECTOR": detector})

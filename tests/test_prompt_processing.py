@@ -1,0 +1,73 @@
+"""Prompt Processing in-stream: a replayed night goes from camera readout to difference images."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from dmstream import schemas
+from dmstream.backbone import Backbone
+from dmstream.infra.kafka import read_topics
+from dmstream.infra.process import free_port
+from dmstream.infra.stack import Stack
+from dmstream.streams.rawfits import read_raw
+from dmstream.streams.replay import ReplayConfig, replay
+from dmstream.topics import DEAD_LETTERS, DIFFERENCES
+from dmstream.workers import WorkerProcess, get_json
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _science_exposures(night) -> set[tuple[int, int]]:
+    found = set()
+    for path in (night / "raw").rglob("*.fits"):
+        header = read_raw(path).primary_header
+        if header["IMGTYPE"] == "OBJECT":
+            found.add((int(header["DAYOBS"]) * 100_000 + int(header["SEQNUM"]) - int(header.get("SNAP", 0)),
+                       int(header["DETECTOR"])))
+    return found
+
+
+def _wait(condition, worker: WorkerProcess, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if not worker.process.is_running():
+            raise AssertionError(f"the worker exited:\n{worker.process.log_tail(60)}")
+        time.sleep(1.0)
+    raise AssertionError(f"{what} after {timeout} s:\n{worker.process.log_tail(60)}")
+
+
+def test_a_replayed_night_becomes_difference_images(stack: Stack, small_nights,
+                                                    prepared_backbone: Backbone) -> None:
+    expected = _science_exposures(small_nights.night)
+    worker = WorkerProcess(stack.settings, "prompt", free_port())
+    worker.start()
+    try:
+        worker.wait_healthy()
+        asyncio.run(replay([small_nights.night], stack.settings.kafka_bootstrap, ReplayConfig(speed=None)))
+
+        def differences() -> set[tuple[int, int]]:
+            return {(ref.data_id["visit"], ref.data_id["detector"])
+                    for ref in prepared_backbone.query("difference")}
+
+        _wait(lambda: differences() >= expected, worker, 300, "difference images missing")
+        _, metrics = get_json(f"{worker.url}/metrics/")
+    finally:
+        worker.stop()
+    steps = metrics["steps"]
+    for name in ("isr", "snaps", "calibrate", "subtract"):
+        assert steps.get(f"done.{name}", 0) == len(expected), steps
+    assert not any(key.startswith(("dead_letters", "deferred")) for key in steps), steps
+    seen = asyncio.run(read_topics(stack.settings.kafka_bootstrap, [DIFFERENCES, DEAD_LETTERS]))
+    products = [schemas.decode(message.value) for message in seen[DIFFERENCES.name]]
+    assert {(p["visitId"], p["detector"]) for p in products} == expected
+    for product in products:
+        assert set(product["stepSeconds"]) == {"isr", "snaps", "calibrate", "subtract"}
+    for visit, detector in expected:
+        calexp = prepared_backbone.get("calexp", instrument="LSSTCam", day_obs=visit // 100_000, visit=visit,
+                                       detector=detector)
+        assert calexp.zero_point is not None and calexp.psf is not None
