@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import faust
+import numpy as np
 
 from dmstream import channels
 from dmstream.app import app
@@ -23,6 +24,7 @@ from dmstream.logs import get_logger
 from dmstream.models import RawArchived
 from dmstream.steps import compute, step, tai_now
 from dmstream.streams.observatory import exposure_id_of
+from dmstream.streams.rawfits import read_raw
 from dmstream.streams.readout import DetectorReadout, ReadoutCollector
 from dmstream.tables.preloaded import backbone
 
@@ -40,11 +42,15 @@ def archive_readout(readout: DetectorReadout) -> tuple[str, str]:
         try:
             ref = store.ingest_raw(path, provenance=f"archiver {readout.obs_id}")
         except DatasetConflictError:
-            # Catch-up Archiving got there first, from the camera's buffer with EFD keywords added.
             header = readout.primary
             ref = store.ref("raw", instrument=header["INSTRUME"], day_obs=int(header["DAYOBS"]),
                             exposure=exposure_id_of(int(header["DAYOBS"]), int(header["SEQNUM"])),
                             detector=int(header["DETECTOR"]))
+            # Catch-up Archiving may have got there first, from the camera's buffer with EFD keywords
+            # added to the header: the same pixels.  Other pixels under this data id are an error.
+            stored = read_raw(store.datastore.absolute(ref.path)).amps
+            if not all(np.array_equal(stored[index], pixels) for index, (_, pixels) in readout.amps.items()):
+                raise
     return ref.path, ref.checksum
 
 

@@ -15,18 +15,24 @@ topic and detectors over budget to the deferred topic (:mod:`dmstream.steps`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
+
+import numpy as np
+import pyarrow as pa
 
 from dmstream import channels
 from dmstream.app import app
 from dmstream.batch import single_frame, templates
 from dmstream.logs import get_logger
-from dmstream.models import DetectorProduct, RawArchived
-from dmstream.payloads import coadd, snaps, subtract
+from dmstream.models import DetectorProduct, DiaSourceBatch, RawArchived
+from dmstream.payloads import coadd, cutouts, diasource, forced, snaps, subtract
+from dmstream.payloads.ids import dia_source_ids
 from dmstream.payloads.image import CcdImage
 from dmstream.payloads.isr import IsrConfig
 from dmstream.steps import StepRun, compute, over_budget, step
-from dmstream.tables.preloaded import backbone, calibrations, reference_catalog
+from dmstream.tables.dia_objects import association_region
+from dmstream.tables.preloaded import apdb, backbone, calibrations, reference_catalog
 from dmstream.tables.products import ProductKey, in_flight
 
 log = get_logger(__name__)
@@ -113,6 +119,73 @@ def difference_image(product: DetectorProduct, calexp: CcdImage) -> subtract.Sub
     return result
 
 
+@dataclass
+class Measured:
+    """A detector-visit's DiaSources with their cutouts, and its forced photometry of known DiaObjects."""
+
+    dia_sources: pa.Table
+    cutouts: pa.Table
+    forced_sources: pa.Table
+    midpoint: float
+
+
+def _footprint_objects(calexp: CcdImage) -> pa.Table:
+    """DiaObjects the APDB knows within a detector's footprint (its corners' RA/Dec box)."""
+    rows, cols = calexp.shape
+    ra, dec = calexp.wcs.pixel_to_world_values(np.array([0, cols - 1, 0, cols - 1]),
+                                               np.array([0, 0, rows - 1, rows - 1]))
+    return apdb().dia_objects_in_box(float(np.min(ra)), float(np.max(ra)), float(np.min(dec)),
+                                     float(np.max(dec)))
+
+
+def measure_detector(product: DetectorProduct, calexp: CcdImage,
+                     subtraction: subtract.SubtractResult) -> Measured:
+    """Detect and measure DiaSources, cut their stamps, force-photometer known DiaObjects; store both."""
+    first_id = int(dia_source_ids(product.visitId, product.detector, 1)[0])
+    table = diasource.run(subtraction, calexp, visit=product.visitId, detector=product.detector,
+                          id_offset=first_id).table
+    stamps = cutouts.make_cutouts(calexp, subtraction.template, subtraction.difference,
+                                  table["x"].to_numpy(), table["y"].to_numpy())
+    cutout_table = pa.table({
+        "diaSourceId": table["diaSourceId"],
+        **{name: pa.array([getattr(stamp, name) for stamp in stamps], pa.binary())
+           for name in ("cutoutScience", "cutoutTemplate", "cutoutDifference")}})
+    midpoint = float(table["midpointMjdTai"][0].as_py()) if table.num_rows else float(
+        calexp.metadata["MJD-OBS"]) + calexp.exptime / 2 / 86400
+    forced_sources = forced.run(subtraction.difference, calexp, _footprint_objects(calexp),
+                                visit=product.visitId, detector=product.detector,
+                                midpoint_mjd_tai=midpoint).table
+    data_id = _data_id(product)
+    backbone().put(table, "diaSource", provenance="prompt measure", **data_id)
+    backbone().put(forced_sources, "diaForcedSource", provenance="prompt measure", **data_id)
+    return Measured(table, cutout_table, forced_sources, midpoint)
+
+
+def _ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def batches_by_sky_pixel(product: DetectorProduct, measured: Measured, run: StepRun
+                         ) -> list[tuple[str, DiaSourceBatch]]:
+    """The DiaSources of a detector-visit grouped by association region, keyed by it."""
+    table = measured.dia_sources
+    if table.num_rows == 0:
+        return []
+    regions = association_region(table["ra"].to_numpy(), table["dec"].to_numpy())
+    batches = []
+    for region in np.unique(regions):
+        rows = pa.array(np.flatnonzero(regions == region))
+        batches.append((str(region), DiaSourceBatch(
+            instrument=product.instrument, visitId=product.visitId, detector=product.detector,
+            skyPixel=int(region), band=product.band, midpointMjdTai=measured.midpoint,
+            readoutEnd=product.readoutEnd, stepSeconds={**product.stepSeconds, run.name: run.seconds},
+            diaSources=_ipc(table.take(rows)), cutouts=_ipc(measured.cutouts.take(rows)))))
+    return batches
+
+
 # --- the agents ---------------------------------------------------------------------------------------------
 
 
@@ -179,3 +252,22 @@ async def subtract_template(calexps):
             in_flight.put(_key(product, DIFFERENCE_TYPE), subtraction)
             await channels.differences.send(key=product.detectorName,
                                             value=_next(product, DIFFERENCE_TYPE, run))
+
+
+@app.agent(channels.differences)
+async def measure(differences):
+    """DiaSources of each difference image, with cutouts and forced photometry, sent on by sky region."""
+    async for event in differences.events():
+        product: DetectorProduct = event.value
+        if await over_budget("measure", product):
+            continue
+        async with step("measure", event) as run:
+            calexp = in_flight.take(_key(product, CALEXP_TYPE))
+            subtraction = in_flight.take(_key(product, DIFFERENCE_TYPE))
+            if calexp is None or subtraction is None:
+                calexp = await compute(stored_calexp, product)
+                subtraction = await compute(difference_image, product, calexp)
+            measured = await compute(measure_detector, product, calexp, subtraction)
+            for key, batch in batches_by_sky_pixel(product, measured, run):
+                await channels.dia_sources.send(key=key, value=batch)
+            await compute(apdb().store, "DiaForcedSource", measured.forced_sources)

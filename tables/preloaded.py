@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import pyarrow as pa
 
 from dmstream.backbone import Backbone
+from dmstream.backbone.apdb import Apdb
 from dmstream.batch import single_frame
 from dmstream.batch.calibrations import isr_calibrations
 from dmstream.logs import get_logger
@@ -31,6 +32,12 @@ def backbone() -> Backbone:
     opened = Backbone.from_settings()
     single_frame.register_types(opened)
     return opened
+
+
+@cache
+def apdb() -> Apdb:
+    """This worker's APDB (from the settings)."""
+    return Apdb.from_settings()
 
 
 class Preloaded:

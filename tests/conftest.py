@@ -117,7 +117,7 @@ def small_nights(tmp_path_factory: pytest.TempPathFactory) -> SmallNights:
     """
     root = tmp_path_factory.mktemp("small-nights")
     config = SimulationConfig(
-        night=NightConfig(seed=6, day_obs=20261209, n_visits=2, bands=("r",), snaps="1x30", n_bias=2,
+        night=NightConfig(seed=6, day_obs=20261213, n_visits=2, bands=("r",), snaps="1x30", n_bias=2,
                           n_dark=1, n_flat=1, flat_bands=("r",)),
         detectors=("R22_S11",), efd=EfdConfig(telemetry=False), compress=False)
     simulate_night(root / "night", config)

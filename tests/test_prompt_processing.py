@@ -1,11 +1,14 @@
-"""Prompt Processing in-stream: a replayed night goes from camera readout to difference images."""
+"""Prompt Processing in-stream: a replayed night goes from camera readout to DiaSources by sky region."""
 
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 
+import pyarrow as pa
 import pytest
+from astropy.io import fits
 
 from dmstream import schemas
 from dmstream.backbone import Backbone
@@ -14,7 +17,7 @@ from dmstream.infra.process import free_port
 from dmstream.infra.stack import Stack
 from dmstream.streams.rawfits import read_raw
 from dmstream.streams.replay import ReplayConfig, replay
-from dmstream.topics import DEAD_LETTERS, DIFFERENCES
+from dmstream.topics import DIA_SOURCES, DIFFERENCES
 from dmstream.workers import WorkerProcess, get_json
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -41,7 +44,7 @@ def _wait(condition, worker: WorkerProcess, timeout: float, what: str) -> None:
     raise AssertionError(f"{what} after {timeout} s:\n{worker.process.log_tail(60)}")
 
 
-def test_a_replayed_night_becomes_difference_images(stack: Stack, small_nights,
+def test_a_replayed_night_becomes_diasources(stack: Stack, small_nights,
                                                     prepared_backbone: Backbone) -> None:
     expected = _science_exposures(small_nights.night)
     worker = WorkerProcess(stack.settings, "prompt", free_port())
@@ -54,15 +57,21 @@ def test_a_replayed_night_becomes_difference_images(stack: Stack, small_nights,
             return {(ref.data_id["visit"], ref.data_id["detector"])
                     for ref in prepared_backbone.query("difference")}
 
-        _wait(lambda: differences() >= expected, worker, 300, "difference images missing")
+        def measured() -> set[tuple[int, int]]:
+            return {(ref.data_id["visit"], ref.data_id["detector"])
+                    for ref in prepared_backbone.query("diaSource")}
+
+        _wait(lambda: differences() >= expected and measured() >= expected, worker, 300,
+              "difference images or DiaSource tables missing")
+        time.sleep(2.0)
         _, metrics = get_json(f"{worker.url}/metrics/")
     finally:
         worker.stop()
     steps = metrics["steps"]
-    for name in ("isr", "snaps", "calibrate", "subtract"):
+    for name in ("isr", "snaps", "calibrate", "subtract", "measure"):
         assert steps.get(f"done.{name}", 0) == len(expected), steps
     assert not any(key.startswith(("dead_letters", "deferred")) for key in steps), steps
-    seen = asyncio.run(read_topics(stack.settings.kafka_bootstrap, [DIFFERENCES, DEAD_LETTERS]))
+    seen = asyncio.run(read_topics(stack.settings.kafka_bootstrap, [DIFFERENCES, DIA_SOURCES]))
     products = [schemas.decode(message.value) for message in seen[DIFFERENCES.name]]
     assert {(p["visitId"], p["detector"]) for p in products} == expected
     for product in products:
@@ -71,3 +80,16 @@ def test_a_replayed_night_becomes_difference_images(stack: Stack, small_nights,
         calexp = prepared_backbone.get("calexp", instrument="LSSTCam", day_obs=visit // 100_000, visit=visit,
                                        detector=detector)
         assert calexp.zero_point is not None and calexp.psf is not None
+
+    # DiaSources travel by association region, each with its three cutouts.
+    batches = [schemas.decode(message.value) for message in seen[DIA_SOURCES.name]]
+    sent = pa.concat_tables([pa.ipc.open_stream(batch["diaSources"]).read_all() for batch in batches])
+    stored = pa.concat_tables([prepared_backbone.get("diaSource", **ref.data_id)
+                               for ref in prepared_backbone.query("diaSource")])
+    assert sorted(sent["diaSourceId"].to_pylist()) == sorted(stored["diaSourceId"].to_pylist())
+    assert stored.num_rows > 0
+    for batch in batches:
+        stamps = pa.ipc.open_stream(batch["cutouts"]).read_all()
+        assert stamps.num_rows == pa.ipc.open_stream(batch["diaSources"]).read_all().num_rows
+        with fits.open(io.BytesIO(stamps["cutoutDifference"][0].as_py())) as hdus:
+            assert 30 <= hdus[0].data.shape[0] <= 102
