@@ -17,7 +17,7 @@ from dmstream.infra.process import free_port
 from dmstream.infra.stack import Stack
 from dmstream.streams.rawfits import read_raw
 from dmstream.streams.replay import ReplayConfig, replay
-from dmstream.topics import DIA_SOURCES, DIFFERENCES
+from dmstream.topics import DEAD_LETTERS, DIA_SOURCES, DIFFERENCES
 from dmstream.workers import WorkerProcess, get_json
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -47,6 +47,7 @@ def _wait(condition, worker: WorkerProcess, timeout: float, what: str) -> None:
 def test_a_replayed_night_becomes_diasources(stack: Stack, small_nights,
                                                     prepared_backbone: Backbone) -> None:
     expected = _science_exposures(small_nights.night)
+    day_obs = next(iter(expected))[0] // 100_000
     worker = WorkerProcess(stack.settings, "prompt", free_port())
     worker.start()
     try:
@@ -55,11 +56,11 @@ def test_a_replayed_night_becomes_diasources(stack: Stack, small_nights,
 
         def differences() -> set[tuple[int, int]]:
             return {(ref.data_id["visit"], ref.data_id["detector"])
-                    for ref in prepared_backbone.query("difference")}
+                    for ref in prepared_backbone.query("difference", day_obs=day_obs)}
 
         def measured() -> set[tuple[int, int]]:
             return {(ref.data_id["visit"], ref.data_id["detector"])
-                    for ref in prepared_backbone.query("diaSource")}
+                    for ref in prepared_backbone.query("diaSource", day_obs=day_obs)}
 
         _wait(lambda: differences() >= expected and measured() >= expected, worker, 300,
               "difference images or DiaSource tables missing")
@@ -67,25 +68,30 @@ def test_a_replayed_night_becomes_diasources(stack: Stack, small_nights,
         _, metrics = get_json(f"{worker.url}/metrics/")
     finally:
         worker.stop()
+    # The session's stack also carries other tests' nights, which this worker archives and tries too.
     steps = metrics["steps"]
     for name in ("isr", "snaps", "calibrate", "subtract", "measure"):
-        assert steps.get(f"done.{name}", 0) == len(expected), steps
-    assert not any(key.startswith(("dead_letters", "deferred")) for key in steps), steps
-    seen = asyncio.run(read_topics(stack.settings.kafka_bootstrap, [DIFFERENCES, DIA_SOURCES]))
-    products = [schemas.decode(message.value) for message in seen[DIFFERENCES.name]]
-    assert {(p["visitId"], p["detector"]) for p in products} == expected
-    for product in products:
+        assert steps.get(f"done.{name}", 0) >= len(expected), steps
+    seen = asyncio.run(read_topics(stack.settings.kafka_bootstrap, [DIFFERENCES, DIA_SOURCES, DEAD_LETTERS]))
+    ours = [message for message in (schemas.decode(m.value) for m in seen[DIFFERENCES.name])
+            if message["dayObs"] == day_obs]
+    assert {(p["visitId"], p["detector"]) for p in ours} == expected
+    for product in ours:
         assert set(product["stepSeconds"]) == {"isr", "snaps", "calibrate", "subtract"}
+    for letter in (schemas.decode(m.value) for m in seen[DEAD_LETTERS.name]):
+        given_up = schemas.decode(letter["value"]) if letter["value"] else {}
+        assert given_up.get("dayObs") != day_obs, letter["reason"]
     for visit, detector in expected:
         calexp = prepared_backbone.get("calexp", instrument="LSSTCam", day_obs=visit // 100_000, visit=visit,
                                        detector=detector)
         assert calexp.zero_point is not None and calexp.psf is not None
 
     # DiaSources travel by association region, each with its three cutouts.
-    batches = [schemas.decode(message.value) for message in seen[DIA_SOURCES.name]]
+    batches = [batch for batch in (schemas.decode(message.value) for message in seen[DIA_SOURCES.name])
+               if batch["visitId"] // 100_000 == day_obs]
     sent = pa.concat_tables([pa.ipc.open_stream(batch["diaSources"]).read_all() for batch in batches])
     stored = pa.concat_tables([prepared_backbone.get("diaSource", **ref.data_id)
-                               for ref in prepared_backbone.query("diaSource")])
+                               for ref in prepared_backbone.query("diaSource", day_obs=day_obs)])
     assert sorted(sent["diaSourceId"].to_pylist()) == sorted(stored["diaSourceId"].to_pylist())
     assert stored.num_rows > 0
     for batch in batches:

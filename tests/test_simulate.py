@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from dmstream import schemas, topics
+from dmstream.infra.kafka import read_topics
 from dmstream.infra.stack import Stack
 from dmstream.streams.night import MessageEvent, NightReader, ReadoutEvent
 from dmstream.streams.observatory import NightConfig
@@ -73,12 +74,10 @@ def test_night_is_complete_and_ordered(night: Path) -> None:
 
 @pytest.mark.integration
 def test_replayed_night_reaches_kafka_in_order(stack: Stack, night: Path) -> None:
-    from tests.test_replay import _read_everything
-
     stats = asyncio.run(replay([night], stack.settings.kafka_bootstrap, ReplayConfig(speed=None)))
     assert stats.readouts == 10 and not stats.skipped_files and not stats.rejected_events
-    seen = asyncio.run(_read_everything(stack.settings.kafka_bootstrap,
-                                        [topics.NEXT_VISIT, topics.CAMERA_READOUT]))
+    seen = asyncio.run(read_topics(stack.settings.kafka_bootstrap,
+                                   [topics.NEXT_VISIT, topics.CAMERA_READOUT]))
     announced_at = {}
     for message in seen[topics.NEXT_VISIT.name]:
         announced_at.setdefault(schemas.decode(message.value)["groupId"], message.timestamp)
