@@ -212,9 +212,12 @@ def _check_positions(ra: NDArray[np.float64], dec: NDArray[np.float64], what: st
         raise AssociationError(f"{what} hold positions that are not finite or lie beyond the poles")
 
 
-def _distinct(ids: NDArray[np.int64], what: str) -> None:
-    if np.unique(ids).size != ids.size:
+def _sorting(ids: NDArray[np.int64], what: str) -> NDArray[np.int64]:
+    """The order that sorts ``ids``, which must be distinct."""
+    order = np.argsort(ids, kind="stable")
+    if np.any(ids[order[1:]] == ids[order[:-1]]):
         raise AssociationError(f"{what} repeat")
+    return order
 
 
 def _chord(radius_deg: float) -> float:
@@ -242,14 +245,19 @@ def candidate_pairs(ra1: NDArray[np.float64], dec1: NDArray[np.float64], ra2: ND
     """
     if ra1.size == 0 or ra2.size == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
-    # The tree goes on the smaller set, and only the other set's points near it are looked up against it.
+    # The tree goes on the smaller set.  Of the larger one, only the points in the cap around the smaller
+    # set are looked up against it (a dot product each), and only those with a neighbour enter a second tree.
     swap = ra1.size > ra2.size
     small, large = (unit_vectors(ra2, dec2), unit_vectors(ra1, dec1)) if swap else (
         unit_vectors(ra1, dec1), unit_vectors(ra2, dec2))
     chord = _chord(radius)
+    centre = small.sum(axis=0)
+    centre /= max(np.linalg.norm(centre), 1e-300)
+    extent = np.arccos(np.clip((small @ centre).min(), -1.0, 1.0)) + np.radians(radius)
+    in_cap = np.flatnonzero(large @ centre >= np.cos(extent)) if extent < np.pi else np.arange(len(large))
     tree = cKDTree(small)
-    nearest, _ = tree.query(large, k=1, distance_upper_bound=chord)
-    near = np.flatnonzero(np.isfinite(nearest))
+    nearest, _ = tree.query(large[in_cap], k=1, distance_upper_bound=chord)
+    near = in_cap[np.isfinite(nearest)]
     large_tree = cKDTree(large[near])
     pairs = tree.sparse_distance_matrix(large_tree, chord, output_type="ndarray")
     small_index = pairs["i"].astype(np.int64)
@@ -298,7 +306,7 @@ def assign(first: NDArray[np.int64], second: NDArray[np.int64], cost: NDArray[np
     for group in np.split(by_component, bounds) if by_component.size else []:
         rows, row_index = np.unique(first[group], return_inverse=True)
         columns, column_index = np.unique(second[group], return_inverse=True)
-        forbidden = 1.0 + cost[group].sum() * 2.0 + 1.0
+        forbidden = 1.0 + cost[group].sum()
         matrix = np.full((rows.size, columns.size), forbidden)
         matrix[row_index, column_index] = cost[group]
         chosen_rows, chosen_columns = linear_sum_assignment(matrix)
@@ -456,8 +464,7 @@ def _attribute_solar_system(source_ids: NDArray[np.int64], ra: NDArray[np.float6
         return np.zeros(0, np.int64), np.zeros(0, np.int64), SS_SOURCE_SCHEMA.empty_table()
     _check_columns(ss_predictions, ("ssObjectId", "ra", "dec"), "solar-system predictions")
     ss_ids = _column(ss_predictions, "ssObjectId", np.int64)
-    _distinct(ss_ids, "ssObjectIds of the solar-system predictions")
-    order = np.argsort(ss_ids, kind="stable")
+    order = _sorting(ss_ids, "ssObjectIds of the solar-system predictions")
     ss_ids = ss_ids[order]
     eph_ra = _column(ss_predictions, "ra", np.float64)[order]
     eph_dec = _column(ss_predictions, "dec", np.float64)[order]
@@ -485,8 +492,7 @@ def _sources(dia_sources: pa.Table) -> dict[str, NDArray]:
     """The DiaSource columns association reads, checked, in diaSourceId order (``order``: input rows)."""
     _check_columns(dia_sources, REQUIRED_SOURCE_COLUMNS, "DiaSources")
     ids = _column(dia_sources, "diaSourceId", np.int64)
-    _distinct(ids, "diaSourceIds")
-    order = np.argsort(ids, kind="stable")
+    order = _sorting(ids, "diaSourceIds")
     columns: dict[str, NDArray] = {"order": order, "diaSourceId": ids[order]}
     for name, default in (("midpointMjdTai", None), ("ra", None), ("dec", None), ("raErr", None),
                           ("decErr", None), ("psfFlux", None), ("psfFluxErr", None), ("ra_dec_Cov", 0.0),
@@ -556,8 +562,7 @@ def run(dia_sources: pa.Table, dia_objects: pa.Table | None = None, ss_predictio
     state = empty_state() if dia_objects is None else dia_objects
     _check_columns(state, STATE_SCHEMA.names, "DiaObjects")
     stored_ids = _column(state, "diaObjectId", np.int64)
-    _distinct(stored_ids, "diaObjectIds")
-    object_order = np.argsort(stored_ids, kind="stable")
+    object_order = _sorting(stored_ids, "diaObjectIds")
     object_ra = _column(state, "ra", np.float64)[object_order]
     object_dec = _column(state, "dec", np.float64)[object_order]
     _check_positions(object_ra, object_dec, "DiaObjects")
@@ -572,11 +577,12 @@ def run(dia_sources: pa.Table, dia_objects: pa.Table | None = None, ss_predictio
     folded_rows, folded_objects = _already_folded(sources["diaSourceId"], last_source, open_source)
     open_source[folded_rows] = False
 
-    # An object a DiaSource of the same visit has joined is taken, whichever batch that was in.
     open_rows = np.flatnonzero(open_source)
     first, second, distance = candidate_pairs(sources["ra"][open_rows], sources["dec"][open_rows], object_ra,
                                               object_dec, config.match_radius * ARCSEC)
+    # An object a DiaSource of the same visit has joined is taken, whichever batch that was in.
     taken = split_dia_source_id(last_source)[0][second] == sources["visit"][open_rows][first]
+    taken |= np.isin(second, folded_objects)
     first, second, distance = first[~taken], second[~taken], distance[~taken]
     matched_source, matched_object = assign(first, second, distance, open_rows.size, object_ra.size)
     matched_rows = open_rows[matched_source]
@@ -600,12 +606,13 @@ def run(dia_sources: pa.Table, dia_objects: pa.Table | None = None, ss_predictio
                           for name in ("psfFlux", "psfFluxErr", "scienceFlux", "scienceFluxErr")})
     objects.derive()
 
-    object_of = np.full(n, -1, np.int64)
-    object_of[matched_rows] = objects["diaObjectId"][:matched_rows.size]
-    object_of[folded_rows] = objects["diaObjectId"][matched_rows.size:existing.size]
+    object_of = np.zeros(n, np.int64)
+    object_of[np.concatenate([matched_rows, folded_rows])] = objects["diaObjectId"][:existing.size]
     object_of[new_rows] = sources["diaSourceId"][new_rows]
-    ss_of = np.full(n, -1, np.int64)
+    ss_of = np.zeros(n, np.int64)
     ss_of[ss_rows] = ss_object_ids
+    attributed = np.zeros(n, bool)
+    attributed[ss_rows] = True
     # Objects whose last DiaSource is the one that created them: the new ones, and those a source
     # folded in by an earlier run of this batch created then.
     is_created = objects["diaObjectId"] == objects["lastDiaSourceId"]
@@ -618,10 +625,11 @@ def run(dia_sources: pa.Table, dia_objects: pa.Table | None = None, ss_predictio
     in_input_order[sources["order"]] = np.arange(n)
     with_ids = dia_sources.drop_columns([c for c in ("diaObjectId", "ssObjectId")
                                          if c in dia_sources.column_names])
-    object_ids = object_of[in_input_order]
-    ss_ids = ss_of[in_input_order]
-    with_ids = with_ids.append_column("diaObjectId", pa.array(object_ids, pa.int64(), mask=object_ids < 0))
-    with_ids = with_ids.append_column("ssObjectId", pa.array(ss_ids, pa.int64(), mask=ss_ids < 0))
+    attributed = attributed[in_input_order]
+    with_ids = with_ids.append_column("diaObjectId", pa.array(object_of[in_input_order], pa.int64(),
+                                                              mask=attributed))
+    with_ids = with_ids.append_column("ssObjectId", pa.array(ss_of[in_input_order], pa.int64(),
+                                                             mask=~attributed))
     new_count = int(is_created.sum())
     return AssociationResult(
         dia_sources=with_ids, updated=official.filter(pc.invert(created_mask)),
@@ -630,7 +638,7 @@ def run(dia_sources: pa.Table, dia_objects: pa.Table | None = None, ss_predictio
 
 
 def trim_history(history: pa.Table, mjd: float, config: AssociationConfig | None = None) -> pa.Table:
-    """An objects' DiaSource or DiaForcedSource history cut to what the stream keeps.
+    """DiaObjects' DiaSource or DiaForcedSource history, cut to what the stream keeps.
 
     Parameters
     ----------

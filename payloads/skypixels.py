@@ -37,20 +37,21 @@ class SkyPixelConfig:
         Nested HEALPix order (nside = 2**order).  The default, 10, makes
         pixels of 0.0033 deg², 3.4 arcmin across:
 
-        - 200 times the 1″ match radius, so that only ~2 % of DiaSources
-          (those within 1″ of an edge of a 206″ pixel) need a second pixel's
-          objects;
-        - a quarter of an LSSTCam CCD's side (13.6 arcmin), so that one CCD's
-          DiaSources spread over ~20 keys, hence over the partitions and
-          workers of the stream, instead of loading one of them;
+        - 200 times the 1″ match radius, so that few DiaSources need a
+          second pixel's objects: those within 1″ of an edge, 2 % of them,
+          and 4 % by HEALPix's inclusive query, which also names pixels a
+          circle nearly touches (measured by ``dmstream.benchmarks.association``);
+        - a quarter of an LSSTCam CCD's side (13.6 arcmin): one CCD's
+          footprint touches ~30 keys, so its DiaSources spread over the
+          partitions and workers of the stream instead of loading one;
         - small enough that one table value stays far below Kafka's 1 MiB
-          message: 5·10⁴ DiaObjects per deg², a density reached after years
-          of a survey, is 160 objects per pixel, ~0.1 MiB of state
-          (see ``dmstream.payloads.association``).
+          message: at 5·10⁴ DiaObjects per deg², a density reached after
+          years of a survey, a pixel holds ~160 objects, 0.15 MiB of state
+          (944 bytes per object in Arrow IPC, measured by the same benchmark).
 
-        Order 9 (6.9 arcmin) would put 4 times as many objects in a value and one
-        CCD on ~6 keys; order 11 (1.7 arcmin) doubles the boundary fraction and the
-        messages per CCD for nothing.
+        Order 9 (6.9 arcmin) would put 4 times as many objects in a value
+        and a CCD on ~9 keys; order 11 (1.7 arcmin) doubles the share of
+        sources at an edge and the messages per CCD.
     """
 
     order: int = 10

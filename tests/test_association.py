@@ -242,6 +242,24 @@ def test_flux_statistics_match_numpy_over_the_full_history(survey):
                 assert value("psfFluxSigma") is None and value("psfFluxMaxSlope") is None
 
 
+def test_candidate_pairs_are_every_pair_within_the_radius():
+    rng = np.random.default_rng(12)
+    # A cluster (around RA 0 near the pole, to cross the wrap) against points clustered and all over the sky.
+    ra1, dec1 = offset_position(0.0, 80.0, rng.uniform(0, 360, 300), rng.uniform(0, 0.02, 300))
+    ra2, dec2 = offset_position(0.0, 80.0, rng.uniform(0, 360, 3000), rng.uniform(0, 0.03, 3000))
+    ra2 = np.concatenate([ra2, rng.uniform(0, 360, 3000)])
+    dec2 = np.concatenate([dec2, np.degrees(np.arcsin(rng.uniform(-1, 1, 3000)))])
+    radius = 5 * ARCSEC
+    for first_set, second_set in (((ra1, dec1), (ra2, dec2)), ((ra2, dec2), (ra1, dec1))):
+        first, second, distance = association.candidate_pairs(*first_set, *second_set, radius)
+        brute = angular_separation(first_set[0][:, None], first_set[1][:, None], second_set[0][None, :],
+                                   second_set[1][None, :])
+        expected_first, expected_second = np.nonzero(brute <= radius)
+        assert first.size > 50
+        assert np.array_equal(first, expected_first) and np.array_equal(second, expected_second)
+        assert np.allclose(distance, brute[first, second], rtol=0, atol=1e-6 * ARCSEC)
+
+
 def test_close_pair_is_not_swapped_where_a_greedy_match_would():
     rng = np.random.default_rng(3)
     centre_ra, centre_dec = 150.0, 2.0
