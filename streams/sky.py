@@ -42,6 +42,7 @@ from dmstream.payloads.render import (
     draw_point_sources,
     trail_samples,
 )
+from dmstream.payloads.skypixels import unit_vectors
 
 Columns = dict[str, NDArray[Any]]
 
@@ -202,11 +203,6 @@ class Observation:
 
 
 # --- spherical geometry -----------------------------------------------------------------------------------
-
-def _unit_vectors(ra: ArrayLike, dec: ArrayLike) -> NDArray[np.float64]:
-    ra_r, dec_r = np.radians(ra), np.radians(dec)
-    return np.stack([np.cos(dec_r) * np.cos(ra_r), np.cos(dec_r) * np.sin(ra_r), np.sin(dec_r)], axis=-1)
-
 
 def angular_distance(ra1: ArrayLike, dec1: ArrayLike, ra2: ArrayLike, dec2: ArrayLike) -> NDArray[np.float64]:
     """Great-circle distance, deg (haversine, accurate at small separations)."""
@@ -510,8 +506,8 @@ class Sky:
         ra, dec = np.asarray(ra, dtype=float), np.asarray(dec, dtype=float)
         if ra.size == 0 or self.fields.size == 0:
             return np.zeros(ra.shape, dtype=bool)
-        tree = cKDTree(_unit_vectors(self.fields[:, 0], self.fields[:, 1]))
-        chord, _ = tree.query(_unit_vectors(ra, dec).reshape(-1, 3))
+        tree = cKDTree(unit_vectors(self.fields[:, 0], self.fields[:, 1]))
+        chord, _ = tree.query(unit_vectors(ra, dec).reshape(-1, 3))
         limit = 2 * np.sin(np.radians(self.config.field_radius) / 2)
         return (chord <= limit).reshape(ra.shape)
 
